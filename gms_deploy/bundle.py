@@ -1,0 +1,111 @@
+"""A model bundle: one folder that holds the VAE, the mapper and the settings they were trained with.
+
+Users pass one path instead of three flags that must agree. The manifest ``gms.json`` names the
+files relative to itself, so a bundle folder can be copied to a cart as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from gms_deploy.model.checkpoints import CheckpointError
+from gms_deploy.model.gms import SCALE_FACTOR, GMSModel
+from gms_deploy.model.mapper import load_mapper
+from gms_deploy.model.vae import load_vae
+
+MANIFEST = "gms.json"
+FORMAT = "gms-deploy-bundle"
+VERSION = 1
+DEMO = "demo"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the official code hard-codes; a bundle records it so that a retrained model can differ."""
+
+    image_size: int = 224
+    scale_factor: float = SCALE_FACTOR
+    threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.image_size <= 0 or self.image_size % 8:
+            raise ValueError(f"image_size must be a positive multiple of 8, got {self.image_size}")
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"threshold must lie strictly between 0 and 1, got {self.threshold}")
+
+
+@dataclass(frozen=True)
+class ModelBundle:
+    vae: Path
+    mapper: Path
+    settings: Settings = field(default_factory=Settings)
+    name: str = "custom"
+
+    @classmethod
+    def load(cls, path: Path) -> ModelBundle:
+        """Open a bundle folder, or its ``gms.json``."""
+        path = Path(path)
+        manifest = path / MANIFEST if path.is_dir() else path
+        if not manifest.is_file():
+            raise CheckpointError(path, f"not a model bundle (no {MANIFEST})")
+        try:
+            data = json.loads(manifest.read_text())
+            if data.get("format") != FORMAT:
+                raise ValueError(f"format is {data.get('format')!r}, expected {FORMAT!r}")
+            if data.get("version") != VERSION:
+                raise ValueError(f"bundle version {data.get('version')!r}; this gms-deploy reads {VERSION}")
+            settings = Settings(**data.get("settings", {}))
+            root = manifest.parent
+            bundle = cls(root / data["vae"], root / data["mapper"], settings, data.get("name", root.name))
+        except (ValueError, TypeError, KeyError, AttributeError) as err:
+            raise CheckpointError(manifest, f"invalid bundle manifest ({err})") from None
+        for part in (bundle.vae, bundle.mapper):
+            if not part.exists():
+                raise CheckpointError(manifest, f"names {part.name}, which is not in the bundle")
+        return bundle
+
+    def with_settings(self, **changes: Any) -> ModelBundle:
+        return replace(self, settings=replace(self.settings, **changes))
+
+    def build(self) -> GMSModel:
+        """Load both networks (CPU, eval mode, frozen)."""
+        model = GMSModel(load_vae(self.vae), load_mapper(self.mapper), self.settings.scale_factor)
+        return model.eval().requires_grad_(False)
+
+    def save(self, out_dir: Path) -> ModelBundle:
+        """Copy the VAE and mapper into ``out_dir`` with a manifest; returns the saved bundle.
+
+        The folder is assembled beside its destination and renamed into place, so an interrupted
+        save leaves no folder that looks like a bundle.
+        """
+        out_dir = Path(out_dir)
+        if (out_dir / MANIFEST).exists():
+            raise FileExistsError(f"{out_dir}: already holds a bundle")
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+        try:
+            names = {}
+            for role, source in (("vae", self.vae), ("mapper", self.mapper)):
+                names[role] = f"{role}{'' if source.is_dir() else ''.join(source.suffixes)}"
+                copy = shutil.copytree if source.is_dir() else shutil.copy2
+                copy(source, staging / names[role])
+            manifest = {"format": FORMAT, "version": VERSION, "name": self.name, **names,
+                        "settings": asdict(self.settings)}
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            if out_dir.exists():
+                out_dir.rmdir()
+            staging.rename(out_dir)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return ModelBundle.load(out_dir)
+
+
+def demo_bundle() -> ModelBundle:
+    """The model shipped inside the package, used when no model is given."""
+    return ModelBundle.load(Path(str(resources.files("gms_deploy") / "data" / DEMO)))

@@ -1,0 +1,110 @@
+"""Reading checkpoint files into plain state dicts, with errors a person can act on.
+
+Users arrive with `.ckpt`/`.pt`/`.pth` pickles (LDM's ``{"state_dict": ...}``, GMS's
+``{"model": ...}``, or a bare dict) and `.safetensors`. Pickles are read with
+``weights_only=True``: a checkpoint from a stranger must never run code on a hospital machine.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+
+WRAPPER_KEYS = ("state_dict", "model", "module")
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used. ``str()`` is one line naming the file and the problem."""
+
+    def __init__(self, path: Path | str, problem: str) -> None:
+        self.path = Path(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Load tensors from any supported file, unwrapping the training frameworks' containers."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(path, "no such file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(path, "file is empty")
+    if path.suffix == ".safetensors":
+        loaded: object = _read_safetensors(path)
+    else:
+        loaded = _read_pickle(path)
+    return _unwrap(path, loaded)
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(path, f"not a readable safetensors file ({_first_line(err)})") from None
+
+
+def _read_pickle(path: Path) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            path,
+            "holds Python objects besides tensors, which would run code to load; "
+            f"re-save just the state dict ({_first_line(err)})",
+        ) from None
+    except Exception as err:  # torch.load of a damaged file raises almost anything
+        raise CheckpointError(path, f"truncated or not a PyTorch checkpoint ({_first_line(err)})") from None
+
+
+def _unwrap(path: Path, loaded: object) -> dict[str, torch.Tensor]:
+    while isinstance(loaded, Mapping):
+        wrapped = [k for k in WRAPPER_KEYS if isinstance(loaded.get(k), Mapping)]
+        if not wrapped:
+            break
+        loaded = loaded[wrapped[0]]
+    if not isinstance(loaded, Mapping) or not loaded:
+        raise CheckpointError(path, "does not contain a state dict of tensors")
+    tensors = {str(k): v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(path, "does not contain any tensors")
+    return tensors
+
+
+def check_keys(
+    path: Path,
+    expected: Mapping[str, torch.Size],
+    found: Mapping[str, torch.Tensor],
+    what: str,
+) -> None:
+    """Fail with the first few missing, unexpected or misshapen keys, in the file's own names."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    misshapen = [
+        f"{k} {tuple(found[k].shape)} != {tuple(expected[k])}"
+        for k in expected
+        if k in found and found[k].shape != expected[k]
+    ]
+    problems = [
+        f"{label} {len(keys)} key(s): {_preview(keys)}"
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape for", misshapen))
+        if keys
+    ]
+    if problems:
+        raise CheckpointError(path, f"not a matching {what} checkpoint: " + "; ".join(problems))
+
+
+def _preview(keys: Iterable[str], limit: int = 3) -> str:
+    keys = list(keys)
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... (+{len(keys) - limit})" if len(keys) > limit else "")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__

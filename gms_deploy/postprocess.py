@@ -1,0 +1,65 @@
+"""Probability map -> mask at the frame's own size, and the mask's area.
+
+The network sees a square ``image_size`` input whatever the frame's shape; the probability map is
+resized back bilinearly (the same OpenCV function as preprocessing) and only then thresholded, so
+a mask edge falls where the probability crosses the threshold, not on the 224 grid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+
+from gms_deploy.io.frames import UltrasoundRegion
+
+Box = tuple[int, int, int, int]
+
+
+def upsample(prob: np.ndarray, height: int, width: int) -> np.ndarray:
+    if prob.shape == (height, width):
+        return prob
+    return cv2.resize(prob.astype(np.float32, copy=False), (width, height), interpolation=cv2.INTER_LINEAR)
+
+
+def to_mask(prob: np.ndarray, threshold: float) -> np.ndarray:
+    """Strictly greater, as the official ``np.where(x > 0.5, 1, 0)``."""
+    return prob > threshold
+
+
+def roi_box(regions: Sequence[UltrasoundRegion]) -> Box | None:
+    """The ultrasound image to segment: the largest 2D tissue region, ignoring Doppler and M-mode."""
+    tissue = [r for r in regions if r.spatial_format == 1]
+    if not tissue:
+        return None
+    best = max(tissue, key=lambda r: (r.x1 - r.x0) * (r.y1 - r.y0))
+    return best.x0, best.y0, best.x1, best.y1
+
+
+def paste(mask: np.ndarray, box: Box, height: int, width: int) -> np.ndarray:
+    """Place a mask computed on a crop back into the full frame."""
+    x0, y0, x1, y1 = box
+    full = np.zeros((height, width), dtype=bool)
+    full[y0:y1, x0:x1] = mask
+    return full
+
+
+def area_mm2(mask: np.ndarray, regions: Sequence[UltrasoundRegion]) -> float | None:
+    """Mask area in mm^2, counting only pixels inside 2D tissue regions calibrated in cm.
+
+    A pixel inside two regions counts once, with the first region's spacing (DICOM lists regions
+    in no particular order, but overlapping calibrated regions do not occur in practice). None
+    where no calibrated region exists: an area in pixels must never pass for one in mm^2.
+    """
+    calibrated = [r for r in regions if r.is_tissue_2d_cm]
+    if not calibrated:
+        return None
+    counted = np.zeros(mask.shape, dtype=bool)
+    total = 0.0
+    for region in calibrated:
+        window = np.s_[region.y0:region.y1, region.x0:region.x1]
+        inside = mask[window] & ~counted[window]
+        total += float(inside.sum()) * region.mm2_per_pixel
+        counted[window] = True
+    return total

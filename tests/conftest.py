@@ -1,0 +1,58 @@
+"""Shared fixtures: the official parity files (from ../shared, skipped without it) and tiny models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+
+from gms_deploy.bundle import ModelBundle, Settings
+from gms_deploy.model.mapper import LatentMapper, MapperConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+PARITY = SHARED / "fixtures" / "official_parity"
+REFERENCE = SHARED / "reference"
+
+TINY_VAE = {
+    "block_out_channels": (8, 16),
+    "down_block_types": ("DownEncoderBlock2D",) * 2,
+    "up_block_types": ("UpDecoderBlock2D",) * 2,
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 8,
+}
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"{path} is absent: the shared fixtures exist only beside the project's own checkout")
+    return path
+
+
+@pytest.fixture(scope="session")
+def parity_dir() -> Path:
+    return _need(PARITY)
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    return _need(REFERENCE)
+
+
+def make_tiny_bundle(root: Path, image_size: int = 32, seed: int = 0) -> ModelBundle:
+    """A random-weight bundle small enough to run hundreds of frames in a test."""
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**TINY_VAE)
+    vae.save_pretrained(root / "src" / "vae")
+    mapper = LatentMapper(MapperConfig(ch=16, ch_mult=(1, 1, 2, 2)))
+    torch.save({"model": mapper.state_dict()}, root / "src" / "mapper.pth")
+    bundle = ModelBundle(root / "src" / "vae", root / "src" / "mapper.pth", Settings(image_size=image_size), "tiny")
+    return bundle.save(root / "bundle")
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> ModelBundle:
+    return make_tiny_bundle(tmp_path_factory.mktemp("tiny"))
