@@ -95,8 +95,13 @@ class ModelBundle:
                 names[role] = f"{role}{'' if source.is_dir() else ''.join(source.suffixes)}"
                 copy = shutil.copytree if source.is_dir() else shutil.copy2
                 copy(source, staging / names[role])
-            manifest = {"format": FORMAT, "version": VERSION, "name": self.name, **names,
-                        "settings": asdict(self.settings)}
+            manifest = {
+                "format": FORMAT,
+                "version": VERSION,
+                "name": self.name,
+                **names,
+                "settings": asdict(self.settings),
+            }
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
             if out_dir.exists():
                 out_dir.rmdir()

@@ -58,7 +58,7 @@ def area_mm2(mask: np.ndarray, regions: Sequence[UltrasoundRegion]) -> float | N
     counted = np.zeros(mask.shape, dtype=bool)
     total = 0.0
     for region in calibrated:
-        window = np.s_[region.y0:region.y1, region.x0:region.x1]
+        window = np.s_[region.y0 : region.y1, region.x0 : region.x1]
         inside = mask[window] & ~counted[window]
         total += float(inside.sum()) * region.mm2_per_pixel
         counted[window] = True

@@ -187,7 +187,10 @@ def load_mapper(path: Path) -> LatentMapper:
 
 def _prelu_twin(key: str) -> str | None:
     for alias, inner in (("act1", "conv1.1"), ("act2", "conv2.1")):
-        for a, b in ((f".resblock.{alias}.", f".resblock.{inner}."), (f".resblock.{inner}.", f".resblock.{alias}.")):
+        for a, b in (
+            (f".resblock.{alias}.", f".resblock.{inner}."),
+            (f".resblock.{inner}.", f".resblock.{alias}."),
+        ):
             if a in key:
                 return key.replace(a, b)
     return None

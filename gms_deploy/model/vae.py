@@ -31,18 +31,32 @@ NORM_GROUPS = 32
 _ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 _RESNET_PARTS = {"nin_shortcut": "conv_shortcut"}
 _LDM_RULES: tuple[tuple[re.Pattern[str], Any], ...] = (
-    (re.compile(r"^encoder\.down\.(\d+)\.block\.(\d+)\.(\w+)\.(\w+)$"),
-     lambda m, n: f"encoder.down_blocks.{m[1]}.resnets.{m[2]}.{_RESNET_PARTS.get(m[3], m[3])}.{m[4]}"),
-    (re.compile(r"^encoder\.down\.(\d+)\.downsample\.conv\.(\w+)$"),
-     lambda m, n: f"encoder.down_blocks.{m[1]}.downsamplers.0.conv.{m[2]}"),
-    (re.compile(r"^decoder\.up\.(\d+)\.block\.(\d+)\.(\w+)\.(\w+)$"),
-     lambda m, n: f"decoder.up_blocks.{n - 1 - int(m[1])}.resnets.{m[2]}.{_RESNET_PARTS.get(m[3], m[3])}.{m[4]}"),
-    (re.compile(r"^decoder\.up\.(\d+)\.upsample\.conv\.(\w+)$"),
-     lambda m, n: f"decoder.up_blocks.{n - 1 - int(m[1])}.upsamplers.0.conv.{m[2]}"),
-    (re.compile(r"^(encoder|decoder)\.mid\.block_([12])\.(\w+)\.(\w+)$"),
-     lambda m, n: f"{m[1]}.mid_block.resnets.{int(m[2]) - 1}.{_RESNET_PARTS.get(m[3], m[3])}.{m[4]}"),
-    (re.compile(r"^(encoder|decoder)\.mid\.attn_1\.(\w+)\.(\w+)$"),
-     lambda m, n: f"{m[1]}.mid_block.attentions.0.{_ATTENTION.get(m[2], m[2])}.{m[3]}"),
+    (
+        re.compile(r"^encoder\.down\.(\d+)\.block\.(\d+)\.(\w+)\.(\w+)$"),
+        lambda m, n: f"encoder.down_blocks.{m[1]}.resnets.{m[2]}.{_RESNET_PARTS.get(m[3], m[3])}.{m[4]}",
+    ),
+    (
+        re.compile(r"^encoder\.down\.(\d+)\.downsample\.conv\.(\w+)$"),
+        lambda m, n: f"encoder.down_blocks.{m[1]}.downsamplers.0.conv.{m[2]}",
+    ),
+    (
+        re.compile(r"^decoder\.up\.(\d+)\.block\.(\d+)\.(\w+)\.(\w+)$"),
+        lambda m, n: (
+            f"decoder.up_blocks.{n - 1 - int(m[1])}.resnets.{m[2]}.{_RESNET_PARTS.get(m[3], m[3])}.{m[4]}"
+        ),
+    ),
+    (
+        re.compile(r"^decoder\.up\.(\d+)\.upsample\.conv\.(\w+)$"),
+        lambda m, n: f"decoder.up_blocks.{n - 1 - int(m[1])}.upsamplers.0.conv.{m[2]}",
+    ),
+    (
+        re.compile(r"^(encoder|decoder)\.mid\.block_([12])\.(\w+)\.(\w+)$"),
+        lambda m, n: f"{m[1]}.mid_block.resnets.{int(m[2]) - 1}.{_RESNET_PARTS.get(m[3], m[3])}.{m[4]}",
+    ),
+    (
+        re.compile(r"^(encoder|decoder)\.mid\.attn_1\.(\w+)\.(\w+)$"),
+        lambda m, n: f"{m[1]}.mid_block.attentions.0.{_ATTENTION.get(m[2], m[2])}.{m[3]}",
+    ),
     (re.compile(r"^(encoder|decoder)\.norm_out\.(\w+)$"), lambda m, n: f"{m[1]}.conv_norm_out.{m[2]}"),
     (re.compile(r"^(encoder|decoder)\.(conv_in|conv_out)\.(\w+)$"), lambda m, n: m[0]),
     (re.compile(r"^(quant_conv|post_quant_conv)\.(\w+)$"), lambda m, n: m[0]),
@@ -85,7 +99,7 @@ def _vae_tensors(path: Path, state: dict[str, torch.Tensor]) -> dict[str, torch.
     """Keep the VAE's own tensors: a whole SD checkpoint or a training file carries others."""
     for prefix in VAE_PREFIXES:
         if any(k.startswith(prefix + "encoder.") for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
             break
     kept = {k: v for k, v in state.items() if k.startswith(VAE_ROOTS)}
     if not kept:
@@ -98,9 +112,7 @@ def _vae_tensors(path: Path, state: dict[str, torch.Tensor]) -> dict[str, torch.
 
 def ldm_to_diffusers(path: Path, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename LDM keys to diffusers' and reshape attention 1x1 convs into linear weights."""
-    n_up = 1 + max(
-        (int(m[1]) for k in state if (m := re.match(r"decoder\.up\.(\d+)\.", k))), default=-1
-    )
+    n_up = 1 + max((int(m[1]) for k in state if (m := re.match(r"decoder\.up\.(\d+)\.", k))), default=-1)
     renamed: dict[str, torch.Tensor] = {}
     unknown: list[str] = []
     for key, tensor in state.items():
@@ -122,7 +134,9 @@ def config_from_state_dict(path: Path, state: dict[str, torch.Tensor]) -> dict[s
         widths = []
         while (key := f"encoder.down_blocks.{len(widths)}.resnets.0.conv1.weight") in state:
             widths.append(int(state[key].shape[0]))
-        layers = sum(1 for k in state if re.fullmatch(r"encoder\.down_blocks\.0\.resnets\.\d+\.conv1\.weight", k))
+        layers = sum(
+            1 for k in state if re.fullmatch(r"encoder\.down_blocks\.0\.resnets\.\d+\.conv1\.weight", k)
+        )
         config = {
             "in_channels": int(state["encoder.conv_in.weight"].shape[1]),
             "out_channels": int(state["decoder.conv_out.weight"].shape[0]),

@@ -1,0 +1,3 @@
+from gms_deploy.cli import main
+
+main()

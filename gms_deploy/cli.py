@@ -1,0 +1,105 @@
+"""The ``gms-deploy`` command line: flags in, one library call, a summary and an exit code out."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from tqdm import tqdm
+
+from gms_deploy.backends import BACKENDS, BackendError, open_runner
+from gms_deploy.bundle import ModelBundle
+from gms_deploy.infer import InferOptions, Roi, run_inference
+from gms_deploy.model.checkpoints import CheckpointError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+ModelOpt = Annotated[
+    Path | None, typer.Option("--model", help="Model bundle folder (default: the demo model).")
+]
+VaeOpt = Annotated[
+    Path | None, typer.Option("--vae", help="VAE: LDM .ckpt/.safetensors or diffusers folder.")
+]
+MapperOpt = Annotated[Path | None, typer.Option("--mapper", help="GMS mapper checkpoint (best_model.pth).")]
+
+
+@app.callback()
+def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    """One line per problem on stderr, as it happens; ``-v`` adds what was ignored or chosen."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    package = logging.getLogger("gms_deploy")
+    package.handlers = [handler]
+    package.setLevel(logging.INFO if verbose else logging.WARNING)
+    package.propagate = False
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    return typer.Exit(2)
+
+
+@app.command()
+def infer(
+    inputs: Annotated[list[Path], typer.Argument(help="Image or DICOM files and folders (recursive).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder; mirrors the input tree.")],
+    model: ModelOpt = None,
+    vae: VaeOpt = None,
+    mapper: MapperOpt = None,
+    backend: Annotated[str, typer.Option(help=f"One of: {', '.join(BACKENDS)}.")] = "torch",
+    device: Annotated[str, typer.Option(help="cpu or cuda[:N].")] = "cpu",
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 4,
+    threshold: Annotated[
+        float | None, typer.Option(min=0.0, max=1.0, help="Default: the model's (0.5).")
+    ] = None,
+    save_prob: Annotated[bool, typer.Option("--save-prob", help="Also write <stem>_prob.npy.")] = False,
+    overlay: Annotated[bool, typer.Option("--overlay", help="Also write <stem>_overlay.png.")] = False,
+    roi: Annotated[Roi, typer.Option(help="dicom: crop to the ultrasound region first.")] = "none",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")] = False,
+) -> None:
+    """Segment every image and DICOM frame under INPUTS into masks under --out."""
+    try:
+        runner = open_runner(backend, model, vae, mapper, device)
+    except (BackendError, CheckpointError) as err:
+        raise _fail(str(err)) from None
+    typer.echo(f"model: {runner.description}", err=True)
+    options = InferOptions(out, batch_size, threshold, save_prob, overlay, roi, overwrite)
+    with tqdm(desc="segmenting", unit="file", leave=False, disable=None) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        report = run_inference(inputs, runner, options, progress)
+    summary = f"{report.frames} frame(s) from {report.files} file(s) -> {out}"
+    if report.skipped:
+        summary += f"; {report.skipped} skipped (outputs exist; --overwrite replaces them)"
+    if report.failures:
+        typer.echo(f"{summary}; {len(report.failures)} FAILED", err=True)
+        raise typer.Exit(1)
+    typer.echo(summary, err=True)
+
+
+@app.command()
+def bundle(
+    vae: Annotated[Path, typer.Option("--vae", help="VAE checkpoint or diffusers folder.")],
+    mapper: Annotated[Path, typer.Option("--mapper", help="GMS mapper checkpoint.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="New bundle folder.")],
+    image_size: Annotated[int, typer.Option("--image-size")] = 224,
+    threshold: Annotated[float, typer.Option()] = 0.5,
+    name: Annotated[str, typer.Option()] = "custom",
+) -> None:
+    """Copy a VAE and a mapper into one model bundle folder, checking that both load."""
+    try:
+        made = ModelBundle(vae, mapper, name=name).with_settings(image_size=image_size, threshold=threshold)
+        made.build()
+        saved = made.save(out)
+    except (CheckpointError, ValueError, FileExistsError) as err:
+        raise _fail(str(err)) from None
+    typer.echo(f"bundle written: {saved.vae.parent}", err=True)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,226 @@
+"""`gms-deploy infer` end to end: real files in, masks and results.csv out, bad files survived."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.data import get_testdata_file
+from typer.testing import CliRunner
+
+from gms_deploy.backends import open_runner
+from gms_deploy.backends.torch_eager import TorchRunner
+from gms_deploy.bundle import ModelBundle
+from gms_deploy.cli import app
+from gms_deploy.infer import InferOptions, run_inference
+
+cli = CliRunner()
+
+
+def _rows(out: Path) -> list[dict[str, str]]:
+    with (out / "results.csv").open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _mask(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def _invoke(*args: str | Path) -> tuple[int, str]:
+    result = cli.invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def test_official_parity_through_the_cli(parity_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    code, output = _invoke(
+        "infer",
+        parity_dir / "input.png",
+        "--out",
+        out,
+        "--vae",
+        parity_dir / "vae_ldm.ckpt",
+        "--mapper",
+        parity_dir / "mapper.pth",
+        "--save-prob",
+        "--overlay",
+    )
+    assert code == 0, output
+    official = np.load(parity_dir / "prob224.npy")
+    prob = np.load(out / "input_prob.npy")
+    assert prob.dtype == np.float32 and np.abs(prob - official).max() <= 2e-5
+    mask = _mask(out / "input_mask.png")
+    assert mask.shape == (300, 260) and set(np.unique(mask)) <= {0, 255}
+    expected = cv2.resize(official, (260, 300), interpolation=cv2.INTER_LINEAR) > 0.5
+    assert np.mean((mask > 0) != expected) < 1e-3  # only pixels within 2e-5 of the threshold may differ
+    assert _mask(out / "input_overlay.png").shape == (300, 260, 3)
+    (row,) = _rows(out)
+    assert row["status"] == "ok" and int(row["area_px"]) == int((mask > 0).sum())
+    assert row["area_mm2"] == ""  # a PNG carries no calibration
+
+
+@pytest.fixture()
+def tree(tmp_path: Path) -> Path:
+    """A cart's export folder: nested images, a cine loop, and files that must fail."""
+    root = tmp_path / "scans"
+    (root / "patient1" / "visit2").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(root / "patient1" / "a.png")
+    Image.fromarray(rng.integers(0, 255, (33, 21), dtype=np.uint8)).save(
+        root / "patient1" / "visit2" / "b.jpg"
+    )
+    shutil.copy(get_testdata_file("examples_ybr_color.dcm"), root / "patient1" / "cine.dcm")
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    (root / "empty.dcm").write_bytes(b"")
+    (root / "notes.txt").write_text("not an image, silently ignored in a folder")
+    return root
+
+
+def test_folder_run_mirrors_tree_and_survives_bad_files(
+    tree: Path, tiny_bundle: ModelBundle, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    runner = TorchRunner(tiny_bundle)
+    report = run_inference([tree], runner, InferOptions(out, batch_size=7))
+    assert report.files == 5 and report.frames == 2 + 30
+    assert len(report.failures) == 2 and not report.ok
+    assert any("broken.png" in f for f in report.failures) and any("empty.dcm" in f for f in report.failures)
+    assert all("\n" not in f for f in report.failures)
+    assert _mask(out / "scans" / "patient1" / "a_mask.png").shape == (40, 50)
+    assert _mask(out / "scans" / "patient1" / "visit2" / "b_mask.png").shape == (33, 21)
+    cine = sorted((out / "scans" / "patient1").glob("cine_f*_mask.png"))
+    assert [p.name for p in cine[:2]] == ["cine_f0000_mask.png", "cine_f0001_mask.png"] and len(cine) == 30
+    assert not list(tree.rglob("*_mask.png")), "nothing may be written beside the inputs"
+    rows = _rows(out)
+    assert sum(r["status"] == "ok" for r in rows) == 32 and sum(r["status"] == "failed" for r in rows) == 2
+    assert {r["frame"] for r in rows if "cine" in r["source"]} == {str(i) for i in range(30)}
+    assert not list(out.rglob("*.tmp*")) and not list(out.rglob(".*"))
+
+
+def test_existing_outputs_are_kept_unless_overwrite(
+    tree: Path, tiny_bundle: ModelBundle, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    image = tree / "patient1" / "a.png"
+    runner = TorchRunner(tiny_bundle)
+    run_inference([image], runner, InferOptions(out))
+    (out / "a_mask.png").write_bytes(b"user's own file")
+    again = run_inference([image], runner, InferOptions(out, save_prob=True))
+    assert again.frames == 1 and again.skipped == 0  # the missing prob map is added...
+    assert (out / "a_mask.png").read_bytes() == b"user's own file"  # ...and the mask left alone
+    assert (out / "a_prob.npy").is_file()
+    third = run_inference([image], runner, InferOptions(out, save_prob=True))
+    assert third.skipped == 1 and third.frames == 0
+    run_inference([image], runner, InferOptions(out, overwrite=True))
+    assert _mask(out / "a_mask.png").shape == (40, 50)
+    assert len(_rows(out)) == 1  # one row per frame, replaced, never duplicated
+
+
+def test_output_folder_inside_input_is_not_read_back(tree: Path, tiny_bundle: ModelBundle) -> None:
+    out = tree / "masks"
+    runner = TorchRunner(tiny_bundle)
+    first = run_inference([tree / "patient1" / "visit2"], runner, InferOptions(out))
+    second = run_inference([tree / "patient1" / "visit2"], runner, InferOptions(out, overwrite=True))
+    assert first.frames == second.frames == 1
+
+
+def test_colliding_output_names_fail_the_second_file(tmp_path: Path, tiny_bundle: ModelBundle) -> None:
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (16, 16), "white").save(tmp_path / "in" / "x.png")
+    Image.new("RGB", (16, 16), "black").save(tmp_path / "in" / "x.bmp")
+    report = run_inference([tmp_path / "in"], TorchRunner(tiny_bundle), InferOptions(tmp_path / "out"))
+    assert (
+        report.frames == 1 and len(report.failures) == 1 and "would overwrite those of" in report.failures[0]
+    )
+
+
+def test_roi_crop_and_physical_area(tmp_path: Path, tiny_bundle: ModelBundle) -> None:
+    """The palette example holds a 2D region in cm, partly outside the image, and a Doppler strip."""
+    source = Path(get_testdata_file("examples_palette.dcm"))
+    ds = pydicom.dcmread(source)
+    tissue = next(r for r in ds.SequenceOfUltrasoundRegions if r.RegionSpatialFormat == 1)
+    out = tmp_path / "out"
+    report = run_inference([source], TorchRunner(tiny_bundle), InferOptions(out, roi="dicom", threshold=0.01))
+    assert report.ok and report.frames == 1
+    mask = _mask(out / "examples_palette_mask.png") > 0
+    assert mask.shape == (ds.Rows, ds.Columns)
+    inside = np.zeros_like(mask)
+    inside[
+        tissue.RegionLocationMinY0 : tissue.RegionLocationMaxY1 + 1,
+        tissue.RegionLocationMinX0 : tissue.RegionLocationMaxX1 + 1,
+    ] = True
+    assert mask.any() and not (mask & ~inside).any()
+    (row,) = _rows(out)
+    expected = mask.sum() * abs(tissue.PhysicalDeltaX * tissue.PhysicalDeltaY) * 100
+    assert float(row["area_mm2"]) == pytest.approx(expected, rel=1e-6)
+
+
+class _FailingSecondBatch(TorchRunner):
+    """Fault injection: the real runner, but its second batch dies as a lost GPU would."""
+
+    calls = 0
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        if self.calls == 2:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore detail")
+        return super().__call__(images)
+
+
+def test_a_failing_batch_fails_only_its_frames(tree: Path, tiny_bundle: ModelBundle, tmp_path: Path) -> None:
+    report = run_inference(
+        [tree / "patient1" / "cine.dcm"],
+        _FailingSecondBatch(tiny_bundle),
+        InferOptions(tmp_path / "out", batch_size=8),
+    )
+    assert report.frames == 22 and len(report.failures) == 8
+    assert all("illegal memory access" in f and "\n" not in f for f in report.failures)
+    assert len(list((tmp_path / "out").glob("*_mask.png"))) == 22
+
+
+def test_cli_exit_codes_and_messages(tree: Path, tiny_bundle: ModelBundle, tmp_path: Path) -> None:
+    model = tiny_bundle.vae.parent
+    code, output = _invoke("infer", tree / "patient1" / "a.png", "--out", tmp_path / "o1", "--model", model)
+    assert code == 0 and "1 frame(s) from 1 file(s)" in output
+    code, output = _invoke(
+        "infer", tree, tmp_path / "missing.png", "--out", tmp_path / "o2", "--model", model
+    )
+    assert code == 1 and "3 FAILED" in output and "missing.png" in output
+    code, output = _invoke("infer", tree, "--out", tmp_path / "o3", "--model", tmp_path)
+    assert code == 2 and "not a model bundle" in output
+    code, output = _invoke("infer", tree, "--out", tmp_path / "o4", "--vae", model / "vae")
+    assert code == 2 and "--vae and --mapper go together" in output
+    code, output = _invoke("infer", tree, "--out", tmp_path / "o5", "--model", model, "--device", "cuda")
+    assert code == 2 and "no CUDA GPU" in output
+
+
+def test_cli_as_a_subprocess(tiny_bundle: ModelBundle, tmp_path: Path) -> None:
+    image = tmp_path / "img.tif"
+    Image.fromarray(np.full((20, 30), 60000, dtype=np.uint16)).save(image)
+    command = [
+        sys.executable,
+        "-m",
+        "gms_deploy",
+        "infer",
+        str(image),
+        "--out",
+        str(tmp_path / "out"),
+        "--model",
+        str(tiny_bundle.vae.parent),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert _mask(tmp_path / "out" / "img_mask.png").shape == (20, 30)
+
+
+def test_open_runner_rejects_unknown_backend() -> None:
+    with pytest.raises(Exception, match="unknown backend 'nope'"):
+        open_runner("nope")
