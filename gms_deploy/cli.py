@@ -34,6 +34,7 @@ def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) ->
     package.handlers = [handler]
     package.setLevel(logging.INFO if verbose else logging.WARNING)
     package.propagate = False
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)  # its decoder tracebacks; we report each file
 
 
 def _fail(message: str) -> typer.Exit:

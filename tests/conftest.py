@@ -49,7 +49,9 @@ def make_tiny_bundle(root: Path, image_size: int = 32, seed: int = 0) -> ModelBu
     vae.save_pretrained(root / "src" / "vae")
     mapper = LatentMapper(MapperConfig(ch=16, ch_mult=(1, 1, 2, 2)))
     torch.save({"model": mapper.state_dict()}, root / "src" / "mapper.pth")
-    bundle = ModelBundle(root / "src" / "vae", root / "src" / "mapper.pth", Settings(image_size=image_size), "tiny")
+    bundle = ModelBundle(
+        root / "src" / "vae", root / "src" / "mapper.pth", Settings(image_size=image_size), "tiny"
+    )
     return bundle.save(root / "bundle")
 
 

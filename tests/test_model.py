@@ -64,7 +64,10 @@ def test_ldm_renaming_matches_diffusers_converter(parity_dir: Path) -> None:
 def test_full_size_official_layouts_load(reference_dir: Path, tmp_path: Path) -> None:
     """Random tensors with every name and shape of the released checkpoints load strictly."""
     torch.manual_seed(0)
-    vae_state = {k: torch.randn(s) * 0.02 for k, s in _reference_shapes(reference_dir / "sd_vae_ldm_state_dict.tsv").items()}
+    vae_state = {
+        k: torch.randn(s) * 0.02
+        for k, s in _reference_shapes(reference_dir / "sd_vae_ldm_state_dict.tsv").items()
+    }
     torch.save({"state_dict": vae_state}, tmp_path / "768-v-ema-first-stage-VAE.ckpt")
     vae = load_vae(tmp_path / "768-v-ema-first-stage-VAE.ckpt")
     assert tuple(vae.config.block_out_channels) == (128, 256, 512, 512)
@@ -82,13 +85,18 @@ def test_full_size_official_layouts_load(reference_dir: Path, tmp_path: Path) ->
         assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 1, 64, 64)
 
 
-@pytest.mark.parametrize("form", ["sd_full", "safetensors_ldm", "bare_dict", "diffusers_folder", "diffusers_file"])
+@pytest.mark.parametrize(
+    "form", ["sd_full", "safetensors_ldm", "bare_dict", "diffusers_folder", "diffusers_file"]
+)
 def test_vae_formats_round_trip(form: str, parity_dir: Path, parity_model: GMSModel, tmp_path: Path) -> None:
     ldm = read_state_dict(parity_dir / "vae_ldm.ckpt")
     if form == "sd_full":  # a whole SD checkpoint: VAE under a prefix, beside loss and EMA tensors
         state = {f"first_stage_model.{k}": v for k, v in ldm.items()}
-        state |= {"loss.logvar": torch.zeros(()), "model_ema.decay": torch.tensor(0.999),
-                  "model.diffusion_model.x.weight": torch.ones(2)}
+        state |= {
+            "loss.logvar": torch.zeros(()),
+            "model_ema.decay": torch.tensor(0.999),
+            "model.diffusion_model.x.weight": torch.ones(2),
+        }
         torch.save({"state_dict": state, "global_step": 7}, path := tmp_path / "sd.ckpt")
     elif form == "safetensors_ldm":
         save_file({k: v.contiguous() for k, v in ldm.items()}, path := tmp_path / "vae.safetensors")
@@ -139,16 +147,26 @@ def test_bad_checkpoints_name_the_file_and_problem(parity_dir: Path, tmp_path: P
         "text": (load_mapper, tmp_path / "notes.pth", "not a PyTorch checkpoint"),
         "mapper_as_vae": (load_vae, parity_dir / "mapper.pth", "no VAE tensors"),
         "vae_as_mapper": (load_mapper, parity_dir / "vae_ldm.ckpt", "not a GMS mapper"),
-        "vae_missing_key": (load_vae, tmp_path / "holey.ckpt", "missing 1 key(s): decoder.up_blocks.0.resnets.1"),
+        "vae_missing_key": (
+            load_vae,
+            tmp_path / "holey.ckpt",
+            "missing 1 key(s): decoder.up_blocks.0.resnets.1",
+        ),
         "mapper_extra_key": (load_mapper, tmp_path / "extra.pth", "unexpected 1 key(s): bonus.weight"),
-        "mapper_wrong_shape": (load_mapper, tmp_path / "shape.pth", "wrong shape for 1 key(s): conv1_0.attention.q"),
+        "mapper_wrong_shape": (
+            load_mapper,
+            tmp_path / "shape.pth",
+            "wrong shape for 1 key(s): conv1_0.attention.q",
+        ),
         "pickled_code": (load_mapper, tmp_path / "lightning.pth", "Python objects besides tensors"),
         "no_config": (load_vae, tmp_path / "folder", "no config.json"),
     }
     (tmp_path / "empty.ckpt").touch()
     (tmp_path / "notes.pth").write_text("hello")
-    torch.save({"state_dict": {k: v for k, v in ldm.items() if k != "decoder.up.3.block.1.conv2.bias"}},
-               tmp_path / "holey.ckpt")
+    torch.save(
+        {"state_dict": {k: v for k, v in ldm.items() if k != "decoder.up.3.block.1.conv2.bias"}},
+        tmp_path / "holey.ckpt",
+    )
     torch.save({"model": mapper | {"bonus.weight": torch.ones(1)}}, tmp_path / "extra.pth")
     torch.save({"model": mapper | {"conv1_0.attention.q.bias": torch.ones(3)}}, tmp_path / "shape.pth")
     torch.save({"model": mapper, "config": Path("x")}, tmp_path / "lightning.pth")
@@ -163,7 +181,9 @@ def test_bad_checkpoints_name_the_file_and_problem(parity_dir: Path, tmp_path: P
 
 
 def test_bundle_round_trip_and_bad_manifests(parity_dir: Path, tmp_path: Path) -> None:
-    saved = ModelBundle(parity_dir / "vae_ldm.ckpt", parity_dir / "mapper.pth", name="parity").save(tmp_path / "b")
+    saved = ModelBundle(parity_dir / "vae_ldm.ckpt", parity_dir / "mapper.pth", name="parity").save(
+        tmp_path / "b"
+    )
     assert saved.name == "parity" and saved.vae.parent == tmp_path / "b"
     assert ModelBundle.load(tmp_path / "b" / "gms.json") == saved
     with pytest.raises(FileExistsError):

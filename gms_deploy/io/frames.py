@@ -17,8 +17,8 @@ class InputError(Exception):
 
     def __init__(self, path: Path | str, problem: str) -> None:
         self.path = Path(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
+        self.problem = " ".join(problem.split())  # decoder messages may span lines; logs and CSV need one
+        super().__init__(f"{self.path}: {self.problem}")
 
 
 @dataclass(frozen=True)

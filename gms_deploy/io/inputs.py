@@ -1,0 +1,111 @@
+"""What the user named on the command line -> the files to segment -> their frames.
+
+A folder input mirrors into the output tree under its own name (``scans/a/b.dcm`` stays
+``scans/a/b.dcm``), so two folders given together cannot write over each other; two inputs that
+would still land on the same output name are reported, not silently merged.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from gms_deploy.io.dicom import DICOM_SUFFIXES, has_dicom_preamble, iter_dicom_frames
+from gms_deploy.io.frames import Frame, InputError
+from gms_deploy.io.images import IMAGE_SUFFIXES, describe, read_image
+from gms_deploy.io.outputs import output_stem
+
+
+@dataclass(frozen=True)
+class Source:
+    """One file to read; ``rel`` is where its outputs go below the output folder."""
+
+    path: Path
+    rel: Path
+
+
+def discover(inputs: Sequence[Path]) -> tuple[list[Source], list[InputError]]:
+    """Files and folders -> sources in a stable order, plus one error per input that cannot be used.
+
+    Inside folders only images and DICOM are taken: known suffixes, and files of any other name
+    that carry the DICOM preamble (scanners often write extension-less or UID-named files).
+    ``DICOMDIR`` and hidden files are skipped. A file named explicitly is always attempted.
+    """
+    sources: list[Source] = []
+    errors: list[InputError] = []
+    claimed: dict[str, Path] = {}
+    taken: set[Source] = set()
+    for given in map(Path, inputs):
+        if given.is_dir():
+            found = [Source(path, rel) for path, rel in _walk(given, errors)]
+            if not found:
+                errors.append(InputError(given, "folder holds no image or DICOM files"))
+        elif given.is_file():
+            found = [Source(given, Path(given.name))]
+        elif given.exists() or given.is_symlink():
+            errors.append(InputError(given, "not a regular file or folder (or a broken link)"))
+            continue
+        else:
+            errors.append(InputError(given, "no such file or folder"))
+            continue
+        for source in found:
+            # Outputs drop the format suffix and some file systems ignore case: x.png and X.jpg collide.
+            first = claimed.setdefault(str(output_stem(Path(), source.rel, None)).casefold(), source.path)
+            if first == source.path:
+                if source not in taken:
+                    taken.add(source)
+                    sources.append(source)
+            else:
+                errors.append(InputError(source.path, f"its outputs would overwrite those of {first}"))
+    return sources, errors
+
+
+def read_frames(source: Source) -> Iterator[Frame]:
+    """Frames of one source, decided by content: the DICOM preamble (or a DICOM suffix) means DICOM."""
+    try:
+        is_dicom = has_dicom_preamble(source.path) or source.path.suffix.lower() in DICOM_SUFFIXES
+    except OSError as exc:
+        raise InputError(source.path, f"cannot read: {exc.strerror or describe(exc)}") from exc
+    if not is_dicom:
+        yield Frame(source=source.path, rel=source.rel, index=None, pixels=read_image(source.path))
+        return
+    for index, pixels, regions in iter_dicom_frames(source.path):
+        yield Frame(source=source.path, rel=source.rel, index=index, pixels=pixels, regions=regions)
+
+
+def _walk(folder: Path, errors: list[InputError]) -> list[tuple[Path, Path]]:
+    """(path, rel) of the usable files below ``folder``, following links but never into a loop."""
+    top = Path(folder.resolve().name if folder.name in ("", ".", "..") else folder.name)
+    found = []
+    seen: set[tuple[int, int]] = set()
+
+    def unlisted(exc: OSError) -> None:
+        reason = exc.strerror or describe(exc)
+        errors.append(InputError(exc.filename or folder, f"cannot list folder: {reason}"))
+
+    for root, dirs, files in os.walk(folder, onerror=unlisted, followlinks=True):
+        stat = os.stat(root)
+        if (stat.st_dev, stat.st_ino) in seen:
+            dirs.clear()
+            continue
+        seen.add((stat.st_dev, stat.st_ino))
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # sorted: which of two links wins is fixed
+        for name in files:
+            path = Path(root, name)
+            if _wanted(path):
+                found.append((path, top / path.relative_to(folder)))
+    return sorted(found, key=lambda pair: pair[1].parts)
+
+
+def _wanted(path: Path) -> bool:
+    if path.name.startswith(".") or path.name.upper() == "DICOMDIR" or not path.is_file():
+        return False
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_SUFFIXES or suffix in DICOM_SUFFIXES:
+        return True
+    try:
+        return has_dicom_preamble(path)
+    except OSError:
+        return False

@@ -1,0 +1,191 @@
+"""Where results go and how they are written: a reader never finds half a file, even after a crash.
+
+Every writer goes through one temporary file in the destination folder, fsync and ``os.replace``,
+so a file either holds the old content or the whole new one.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Literal, get_args
+
+import numpy as np
+from PIL import Image
+
+from gms_deploy.io.dicom import DICOM_SUFFIXES
+from gms_deploy.io.images import IMAGE_SUFFIXES, as_rgb
+
+FORMAT_SUFFIXES = IMAGE_SUFFIXES | DICOM_SUFFIXES
+
+FILL_RGB = np.array([0, 255, 0], dtype=np.float32)  # green stands out on grey, pink and brown tissue alike
+EDGE_RGB = np.array([255, 255, 0], dtype=np.uint8)
+FILL_ALPHA = 0.35
+
+
+def output_stem(out_dir: Path, rel: Path, index: int | None) -> Path:
+    """``out_dir/rel`` without its format suffix, plus ``_fNNNN`` for a cine frame.
+
+    Only image and DICOM suffixes are dropped: scanners name files by UID (``1.2.840.5.7``,
+    ``1.2.840.5.8``), and dropping their last "suffix" would make them collide.
+    """
+    name = rel.stem if rel.suffix.lower() in FORMAT_SUFFIXES else rel.name
+    return Path(out_dir) / rel.parent / (name + ("" if index is None else f"_f{index:04d}"))
+
+
+@dataclass(frozen=True)
+class OutputPaths:
+    """The files written for one frame."""
+
+    mask: Path
+    prob: Path
+    overlay: Path
+
+    @classmethod
+    def for_frame(cls, out_dir: Path, rel: Path, index: int | None) -> OutputPaths:
+        stem = output_stem(out_dir, rel, index)
+        return cls(*(stem.with_name(stem.name + end) for end in ("_mask.png", "_prob.npy", "_overlay.png")))
+
+
+def write_png(path: Path, array: np.ndarray) -> None:
+    """Write a bool mask (as 0/255), a uint8 grey image, or uint8 RGB/RGBA as PNG."""
+    array = np.asarray(array)
+    if array.dtype == bool:
+        array = array.astype(np.uint8) * 255
+    if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
+        raise ValueError(f"cannot write a {array.dtype} array of shape {array.shape} as PNG")
+    image = Image.fromarray(array)
+    # Level 1: a cine writes a mask and an overlay per frame, and level 6 is 3-4x slower for ~10 % less.
+    _write_atomic(Path(path), lambda f: image.save(f, format="PNG", compress_level=1))
+
+
+def write_npy(path: Path, array: np.ndarray) -> None:
+    _write_atomic(Path(path), lambda f: np.save(f, np.asarray(array), allow_pickle=False))
+
+
+def overlay(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The image with the mask as a translucent fill and a solid outline, for a person to check by eye.
+
+    The fill alone vanishes on bright tissue and the outline alone hides holes; together both show.
+    """
+    base = _as_uint8_rgb(np.asarray(rgb))
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != base.shape[:2]:
+        raise ValueError(f"mask {mask.shape} does not match image {base.shape[:2]}")
+    out = base.copy()
+    out[mask] = (base[mask] * (1.0 - FILL_ALPHA) + FILL_RGB * FILL_ALPHA + 0.5).astype(np.uint8)
+    out[_outline(mask, width=max(1, round(max(mask.shape) / 400)))] = EDGE_RGB
+    return out
+
+
+Status = Literal["ok", "failed", "skipped"]
+FIELDS = ("source", "frame", "output", "area_px", "area_mm2", "seconds", "status", "message")
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    """One line of results.csv; ``None`` numbers are written as empty cells (unknown, not zero)."""
+
+    source: str | Path
+    frame: int | None
+    output: str | Path
+    area_px: int | None
+    area_mm2: float | None
+    seconds: float | None
+    status: Status
+    message: str = ""
+
+    def __post_init__(self) -> None:
+        if self.status not in get_args(Status):
+            raise ValueError(f"status must be one of {get_args(Status)}, not {self.status!r}")
+
+    def cells(self) -> dict[str, str]:
+        return {
+            "source": str(self.source),
+            "frame": _cell(self.frame, "d"),
+            "output": str(self.output),
+            "area_px": _cell(self.area_px, "d"),
+            "area_mm2": _cell(self.area_mm2, ".3f"),
+            "seconds": _cell(self.seconds, ".4f"),
+            "status": self.status,
+            "message": " ".join(self.message.split()),
+        }
+
+
+class ResultsTable:
+    """results.csv for one output folder, rewritten whole (atomically) on every flush.
+
+    A rerun into the same folder keeps the earlier rows and replaces those of the same
+    (source, frame), so the table always describes every output file in the folder.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._rows: dict[tuple[str, str], dict[str, str]] = {}
+        if self.path.exists():
+            self._load()
+
+    def add(self, row: ResultRow) -> None:
+        cells = row.cells()
+        self._rows[(cells["source"], cells["frame"])] = cells
+
+    def flush(self) -> None:
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=FIELDS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self._rows.values())
+        data = text.getvalue().encode("utf-8")
+        _write_atomic(self.path, lambda f: f.write(data))
+
+    def _load(self) -> None:
+        with self.path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None:
+                return
+            if not {"source", "frame"} <= set(reader.fieldnames):
+                raise ValueError(
+                    f"{self.path}: exists but is not a results table (columns {reader.fieldnames}); "
+                    "move it away or write to another folder"
+                )
+            for record in reader:
+                cells = {field: record.get(field) or "" for field in FIELDS}
+                self._rows[(cells["source"], cells["frame"])] = cells
+
+
+def _cell(value: float | None, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def _write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Our own unique name rather than mkstemp: mkstemp's 0600 mode would survive the rename.
+    temp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
+    try:
+        with temp.open("xb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def _as_uint8_rgb(rgb: np.ndarray) -> np.ndarray:
+    if rgb.dtype != np.uint8:
+        rgb = (np.clip(rgb, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    return as_rgb(rgb)
+
+
+def _outline(mask: np.ndarray, width: int) -> np.ndarray:
+    """Mask pixels within ``width`` steps of the background; the image border counts as background."""
+    inner = np.pad(mask, width)
+    for _ in range(width):
+        core = inner[1:-1, 1:-1]
+        inner[1:-1, 1:-1] = core & inner[:-2, 1:-1] & inner[2:, 1:-1] & inner[1:-1, :-2] & inner[1:-1, 2:]
+    return mask & ~inner[width:-width, width:-width]

@@ -1,0 +1,181 @@
+"""read_image on real files: parity with the official convert("RGB"), exact deep scaling, clean errors."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from io_corpus import FORMAT_MODES, H, W, png_bytes, png_with_size, random_uint, write_8bit_corpus
+from PIL import Image
+
+from gms_deploy.io.frames import InputError
+from gms_deploy.io.images import MAX_PIXELS, read_image
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return write_8bit_corpus(tmp_path_factory.mktemp("images"))
+
+
+ALL_8BIT = [f"{mode}.{suffix}" for suffix, modes in FORMAT_MODES.items() for mode in modes] + ["cmyk.jpg"]
+
+
+@pytest.mark.parametrize("name", ALL_8BIT)
+def test_8bit_sources_equal_the_official_convert_rgb(corpus: dict[str, Path], name: str) -> None:
+    pixels = read_image(corpus[name])
+    with Image.open(corpus[name]) as im:
+        expected = np.asarray(im.convert("RGB"))
+    assert pixels.dtype == np.uint8
+    assert pixels.shape == (H, W, 3)
+    np.testing.assert_array_equal(pixels, expected)
+
+
+@pytest.mark.parametrize("suffix", ["png", "bmp", "tif"])
+def test_8bit_modes_mean_what_the_official_path_means(corpus: dict[str, Path], suffix: str) -> None:
+    def source(mode: str) -> np.ndarray:
+        with Image.open(corpus[f"{mode}.{suffix}"]) as im:
+            return np.asarray(im)
+
+    grey = read_image(corpus[f"grey.{suffix}"])
+    np.testing.assert_array_equal(grey, np.repeat(source("grey")[:, :, None], 3, axis=2))
+    bilevel = read_image(corpus[f"bilevel.{suffix}"])
+    assert set(np.unique(bilevel)) <= {0, 255}
+    np.testing.assert_array_equal(bilevel[:, :, 0] == 255, source("bilevel"))
+    with Image.open(corpus[f"palette.{suffix}"]) as im:
+        lut = np.array(im.getpalette("RGB"), dtype=np.uint8).reshape(-1, 3)
+        np.testing.assert_array_equal(read_image(corpus[f"palette.{suffix}"]), lut[np.asarray(im)])
+    if suffix != "bmp":
+        np.testing.assert_array_equal(read_image(corpus[f"rgba.{suffix}"]), source("rgba")[:, :, :3])
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
+def test_16bit_png_scales_by_65535_and_drops_alpha(tmp_path: Path, channels: int) -> None:
+    samples = random_uint((H, W, channels), np.uint16, seed=channels)
+    path = tmp_path / "deep.png"
+    path.write_bytes(png_bytes(samples))
+    pixels = read_image(path)
+    colour = samples[:, :, :3] if channels >= 3 else np.repeat(samples[:, :, :1], 3, axis=2)
+    assert pixels.dtype == np.float32
+    assert pixels.shape == (H, W, 3)
+    np.testing.assert_array_equal(pixels, (colour / 65535.0).astype(np.float32))
+    assert pixels.min() == 0.0 and pixels.max() == 1.0
+
+
+@pytest.mark.parametrize(
+    ("samples", "options"),
+    [
+        (random_uint((H, W), np.uint16), {}),
+        (random_uint((H, W, 3), np.uint16), {"photometric": "rgb"}),
+        (random_uint((H, W, 4), np.uint16), {"photometric": "rgb", "extrasamples": ["unassalpha"]}),
+        (random_uint((3, H, W), np.uint16), {"photometric": "rgb", "planarconfig": "separate"}),
+        (random_uint((H, W, 3), np.uint16), {"photometric": "rgb", "compression": "zlib"}),
+    ],
+    ids=["grey", "rgb", "rgba", "planar", "deflate"],
+)
+def test_16bit_tiff_scales_by_65535(tmp_path: Path, samples: np.ndarray, options: dict) -> None:
+    path = tmp_path / "deep.tif"
+    tifffile.imwrite(path, samples, **options)
+    pixels = read_image(path)
+    if options.get("planarconfig") == "separate":
+        samples = np.moveaxis(samples, 0, -1)
+    colour = samples[:, :, :3] if samples.ndim == 3 else np.repeat(samples[:, :, None], 3, axis=2)
+    assert pixels.dtype == np.float32
+    np.testing.assert_array_equal(pixels, (colour / 65535.0).astype(np.float32))
+
+
+def test_16bit_miniswhite_tiff_is_inverted(tmp_path: Path) -> None:
+    samples = random_uint((H, W), np.uint16)
+    path = tmp_path / "white.tif"
+    tifffile.imwrite(path, samples, photometric="miniswhite")
+    expected = (1.0 - (samples / 65535.0).astype(np.float32))[:, :, None].repeat(3, axis=2)
+    np.testing.assert_array_equal(read_image(path), expected)
+
+
+def test_multipage_tiff_reads_the_first_page_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    pages = random_uint((3, H, W), np.uint16)
+    path = tmp_path / "stack.tif"
+    tifffile.imwrite(path, pages, photometric="minisblack")
+    with caplog.at_level(logging.WARNING):
+        pixels = read_image(path)
+    np.testing.assert_array_equal(pixels[:, :, 0], (pages[0] / 65535.0).astype(np.float32))
+    assert "3 pages" in caplog.text and str(path) in caplog.text
+
+
+def test_exif_orientation_is_not_applied(tmp_path: Path) -> None:
+    """The official path ignores EXIF orientation; applying it would show the model another picture."""
+    pixels = random_uint((H, W, 3), np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    path = tmp_path / "rotated.png"
+    Image.fromarray(pixels).save(path, exif=exif)
+    np.testing.assert_array_equal(read_image(path), pixels)
+
+
+def _truncated(source: Path, destination: Path) -> Path:
+    data = source.read_bytes()
+    destination.write_bytes(data[: len(data) * 2 // 3])
+    return destination
+
+
+def _bad_files(tmp_path: Path) -> dict[str, Path]:
+    big = Image.fromarray(random_uint((64, 64, 3), np.uint8))
+    big.save(tmp_path / "big.png")
+    big.save(tmp_path / "big.jpg")
+    files = {
+        "truncated png": _truncated(tmp_path / "big.png", tmp_path / "cut.png"),
+        "truncated jpeg": _truncated(tmp_path / "big.jpg", tmp_path / "cut.jpg"),
+        "empty": tmp_path / "empty.png",
+        "random bytes": tmp_path / "noise.png",
+        "text": tmp_path / "notes.png",
+        "zero-size png": tmp_path / "zero.png",
+        "zero-size tiff": tmp_path / "zero.tif",
+        "bomb": tmp_path / "bomb.png",
+        "gif": tmp_path / "animation.gif",
+        "float tiff": tmp_path / "float.tif",
+        "folder": tmp_path / "folder.png",
+        "missing": tmp_path / "missing.png",
+    }
+    files["empty"].write_bytes(b"")
+    files["random bytes"].write_bytes(np.random.default_rng(0).bytes(4096))
+    files["text"].write_text("not an image\nat all\n")
+    files["zero-size png"].write_bytes(png_with_size(0, 4))
+    with pytest.warns(UserWarning, match="zero-size"):
+        tifffile.imwrite(files["zero-size tiff"], np.zeros((0, 4), np.uint16))
+    files["bomb"].write_bytes(png_with_size(20_000, 20_000))
+    Image.fromarray(random_uint((H, W), np.uint8)).save(files["gif"])
+    tifffile.imwrite(files["float tiff"], np.zeros((H, W), np.float32))
+    files["folder"].mkdir()
+    return files
+
+
+def test_every_failure_is_one_line_naming_the_file(tmp_path: Path) -> None:
+    for what, path in _bad_files(tmp_path).items():
+        with pytest.raises(InputError) as caught:
+            read_image(path)
+        message = str(caught.value)
+        assert "\n" not in message, what
+        assert message.startswith(f"{path}: "), what
+        assert caught.value.path == path, what
+
+
+def test_failures_say_why(tmp_path: Path) -> None:
+    files = _bad_files(tmp_path)
+    reasons = {what: _reason(path) for what, path in files.items()}
+    assert reasons["empty"] == "empty file"
+    assert "zero size" in reasons["zero-size tiff"]
+    assert reasons["bomb"] == f"image too large: 20000 x 20000 pixels, over the {MAX_PIXELS} limit"
+    assert "truncated" in reasons["truncated png"] and "truncated" in reasons["truncated jpeg"]
+    assert "GIF" in reasons["gif"]
+    assert "sample format" in reasons["float tiff"]
+    assert "cannot read" in reasons["missing"] and "cannot read" in reasons["folder"]
+
+
+def _reason(path: Path) -> str:
+    with pytest.raises(InputError) as caught:
+        read_image(path)
+    return caught.value.problem
