@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from tqdm import tqdm
 
-from gms_deploy.backends import BACKENDS, BackendError, open_runner
+from gms_deploy.backends import BACKENDS, BackendError, open_runner, resolve_bundle
 from gms_deploy.bundle import ModelBundle
 from gms_deploy.infer import InferOptions, Roi, run_inference
 from gms_deploy.model.checkpoints import CheckpointError
@@ -100,6 +100,48 @@ def bundle(
     except (CheckpointError, ValueError, FileExistsError) as err:
         raise _fail(str(err)) from None
     typer.echo(f"bundle written: {saved.vae.parent}", err=True)
+
+
+@app.command()
+def export(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Export folder (ONNX graphs + manifest.json).")],
+    model: ModelOpt = None,
+    vae: VaeOpt = None,
+    mapper: MapperOpt = None,
+    image_size: Annotated[
+        int | None, typer.Option("--image-size", help="Any multiple of 8; default: the model's.")
+    ] = None,
+    precision: Annotated[list[str], typer.Option(help="fp32 and/or fp16 (repeat the flag).")] = [  # noqa: B006
+        "fp32",
+        "fp16",
+    ],
+    calibration: Annotated[
+        list[Path] | None,
+        typer.Option(help="Images or DICOMs for FP16 calibration and validation (default: pydicom's)."),
+    ] = None,
+    data_max: Annotated[float, typer.Option("--data-max", help="AutoCast keeps larger values FP32.")] = 512.0,
+    validate: Annotated[bool, typer.Option(help="Compare every graph with eager PyTorch.")] = True,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing export.")] = False,
+) -> None:
+    """Export the model to ONNX (FP32 and strongly typed FP16), validated against PyTorch."""
+    from gms_deploy.onnx_export import ExportError, export_model
+    from gms_deploy.validate import ValidationError
+
+    try:
+        chosen = resolve_bundle(model, vae, mapper)
+        if image_size is not None:
+            chosen = chosen.with_settings(image_size=image_size)
+        result = export_model(chosen, out, tuple(precision), calibration, data_max, validate, overwrite)
+    except ValidationError as err:
+        if err.report is not None:
+            typer.echo(err.report.table(), err=True)
+        raise _fail(str(err)) from None
+    except (BackendError, CheckpointError, ExportError, ValueError) as err:
+        raise _fail(str(err)) from None
+    if result.validation is not None:
+        typer.echo(result.validation.table(), err=True)
+    timings = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in result.seconds.items())
+    typer.echo(f"{len(result.graphs)} graph(s) -> {out} ({timings})", err=True)
 
 
 def main() -> None:

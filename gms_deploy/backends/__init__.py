@@ -7,7 +7,7 @@ from pathlib import Path
 from gms_deploy.backends.base import BackendError, Runner
 from gms_deploy.bundle import ModelBundle, demo_bundle
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "onnxruntime")
 
 
 def resolve_bundle(model: Path | None, vae: Path | None, mapper: Path | None) -> ModelBundle:
@@ -33,6 +33,15 @@ def open_runner(
         from gms_deploy.backends.torch_eager import TorchRunner
 
         return TorchRunner(resolve_bundle(model, vae, mapper), device)
+    if backend == "onnxruntime":
+        from gms_deploy.backends.onnxruntime import OnnxRuntimeRunner
+
+        if model is None or vae is not None or mapper is not None:
+            raise BackendError(
+                "--backend onnxruntime runs a `gms-deploy export` folder: give it as --model EXPORT_DIR "
+                "(--vae/--mapper are PyTorch checkpoints, which it does not read)"
+            )
+        return OnnxRuntimeRunner(model, device)
     raise BackendError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
 
 

@@ -46,6 +46,8 @@ def read_manifest(export_dir: Path) -> dict[str, Any]:
             f"{path}: needs ONNX opset {opset}, the installed onnx {onnx.__version__} reads up to "
             f"{onnx.defs.onnx_opset_version()}"
         )
+    if not data.get("validation", {}).get("ok", True):
+        raise BackendError(f"{path}: this export failed validation against PyTorch (see its 'validation')")
     try:
         data["settings"] = Settings(**data["settings"])
     except (KeyError, TypeError, ValueError) as err:
@@ -100,21 +102,25 @@ def providers_for(device: str) -> list[Any]:
     """ONNX Runtime providers for ``cpu`` or ``cuda[:N]``; CUDA needs ``onnxruntime-gpu``."""
     import onnxruntime as ort
 
+    index = device.partition(":")[2]
     if device == "cpu":
         return [CPU]
-    if device.startswith("cuda"):
+    if device.partition(":")[0] == "cuda" and (index == "" or index.isdigit()):
         if CUDA not in ort.get_available_providers():
             raise BackendError(
                 f"--device {device}: this onnxruntime has no CUDA provider (install onnxruntime-gpu "
                 "instead of onnxruntime)"
             )
-        index = int(device.partition(":")[2] or 0)
-        return [(CUDA, {"device_id": index}), CPU]
+        return [(CUDA, {"device_id": int(index or 0)}), CPU]
     raise BackendError(f"--device {device}: expected cpu or cuda[:N]")
 
 
 def open_session(
-    export_dir: Path, entry: dict[str, Any], settings: Settings, providers: list[Any], all_outputs: bool = False
+    export_dir: Path,
+    entry: dict[str, Any],
+    settings: Settings,
+    providers: list[Any],
+    all_outputs: bool = False,
 ) -> Any:
     """A verified ``InferenceSession`` for one manifest entry.
 
@@ -175,6 +181,8 @@ class OnnxRuntimeRunner(Runner):
     def __call__(self, images: np.ndarray) -> np.ndarray:
         size = self.settings.image_size
         if images.ndim != 4 or images.shape[1:] != (3, size, size):
-            raise BackendError(f"{self.export_dir}: expects B x 3 x {size} x {size} images, got {images.shape}")
+            raise BackendError(
+                f"{self.export_dir}: expects B x 3 x {size} x {size} images, got {images.shape}"
+            )
         (prob,) = self.session.run(None, {self.input_name: np.ascontiguousarray(images, dtype=np.float32)})
         return prob[:, 0]

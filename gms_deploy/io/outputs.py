@@ -61,11 +61,11 @@ def write_png(path: Path, array: np.ndarray) -> None:
         raise ValueError(f"cannot write a {array.dtype} array of shape {array.shape} as PNG")
     image = Image.fromarray(array)
     # Level 1: a cine writes a mask and an overlay per frame, and level 6 is 3-4x slower for ~10 % less.
-    _write_atomic(Path(path), lambda f: image.save(f, format="PNG", compress_level=1))
+    write_atomic(Path(path), lambda f: image.save(f, format="PNG", compress_level=1))
 
 
 def write_npy(path: Path, array: np.ndarray) -> None:
-    _write_atomic(Path(path), lambda f: np.save(f, np.asarray(array), allow_pickle=False))
+    write_atomic(Path(path), lambda f: np.save(f, np.asarray(array), allow_pickle=False))
 
 
 def overlay(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -140,7 +140,7 @@ class ResultsTable:
         writer.writeheader()
         writer.writerows(self._rows.values())
         data = text.getvalue().encode("utf-8")
-        _write_atomic(self.path, lambda f: f.write(data))
+        write_atomic(self.path, lambda f: f.write(data))
 
     def _load(self) -> None:
         with self.path.open(newline="", encoding="utf-8") as f:
@@ -161,7 +161,8 @@ def _cell(value: float | None, spec: str) -> str:
     return "" if value is None else format(value, spec)
 
 
-def _write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
+def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Call ``write`` on a temporary file beside ``path``, then fsync and rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     # Our own unique name rather than mkstemp: mkstemp's 0600 mode would survive the rename.
     temp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
