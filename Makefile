@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/gms-deploy infer gms_deploy/data/samples --out out/demo --overlay
+	$(BIN)/gms-deploy infer gms_deploy/data/samples/images --out out/demo --overlay
 
 test: $(STAMP)
 	$(BIN)/ruff check .

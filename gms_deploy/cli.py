@@ -144,5 +144,92 @@ def export(
     typer.echo(f"{len(result.graphs)} graph(s) -> {out} ({timings})", err=True)
 
 
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option("--data", help="Folder with images/ and masks/ (matching names).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: checkpoints, config, state.")],
+    model: ModelOpt = None,
+    vae: Annotated[Path | None, typer.Option("--vae", help="Frozen VAE (default: the model's).")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="JSON training config.")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1)] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1)] = None,
+    lr: Annotated[float | None, typer.Option(min=0.0)] = None,
+    image_size: Annotated[int | None, typer.Option("--image-size")] = None,
+    split: Annotated[Path | None, typer.Option("--split", help="Official .pkl or JSON split.")] = None,
+    augment: Annotated[bool | None, typer.Option("--augment/--no-augment")] = None,
+    cache_latents: Annotated[bool | None, typer.Option("--cache-latents", help="Needs --no-augment.")] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda[:N].")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out.")] = False,
+) -> None:
+    """Train a GMS mapper on a frozen VAE with the paper's objective (defaults as the paper)."""
+    from gms_deploy.train.data import SplitError
+    from gms_deploy.train.trainer import TrainConfig, train_mapper
+
+    try:
+        if vae is not None and model is not None:
+            raise BackendError("give either --model (its VAE is used) or --vae, not both")
+        default_size = None  # the paper's 224, or the config file's
+        if vae is None:  # a bundle's VAE comes with the image size it was made for
+            base = resolve_bundle(model, None, None)
+            vae, default_size = base.vae, base.settings.image_size
+        overrides = {
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "augment": augment,
+            "seed": seed,
+            "cache_latents": cache_latents,
+            "device": device,
+            "split_file": split and str(split),
+            "image_size": image_size or (None if config else default_size),
+        }
+        settings = (
+            TrainConfig.from_file(config, **overrides)
+            if config
+            else TrainConfig().with_overrides(**overrides)
+        )
+        result = train_mapper(settings, data, out, vae, resume=resume)
+    except (BackendError, CheckpointError, SplitError, ValueError, OSError) as err:
+        raise _fail(str(err)) from None
+    typer.echo(
+        f"best validation Dice {result.best_dice:.4f} at epoch {result.best_epoch}: {result.best_path}",
+        err=True,
+    )
+
+
+@app.command()
+def evaluate(
+    data: Annotated[Path, typer.Option("--data", help="Folder with images/ and masks/ (matching names).")],
+    model: ModelOpt = None,
+    vae: VaeOpt = None,
+    mapper: MapperOpt = None,
+    backend: Annotated[str, typer.Option(help=f"One of: {', '.join(BACKENDS)}.")] = "torch",
+    device: Annotated[str, typer.Option(help="cpu or cuda[:N].")] = "cpu",
+    split: Annotated[Path | None, typer.Option("--split", help="Score only its test names.")] = None,
+    threshold: Annotated[float | None, typer.Option(min=0.0, max=1.0)] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Per-image CSV (default DATA/scores.csv).")
+    ] = None,
+) -> None:
+    """Dice, IoU and HD95 per image, at 224 (the paper's protocol) and at each image's own size."""
+    from gms_deploy.evaluate import evaluate as score
+    from gms_deploy.evaluate import summarise, write_scores
+    from gms_deploy.train.data import SplitError, read_split
+
+    try:
+        runner = open_runner(backend, model, vae, mapper, device)
+        names = read_split(split).test if split else None
+        scores = score(data, runner, names, threshold)
+        target = out or data / "scores.csv"
+        write_scores(target, scores)
+    except (BackendError, CheckpointError, SplitError, OSError, ValueError) as err:
+        raise _fail(str(err)) from None
+    typer.echo(f"{len(scores)} image(s), {runner.description}", err=True)
+    for metric, (mean, std) in summarise(scores).items():
+        typer.echo(f"{metric:>9}  {mean:.4f} +- {std:.4f}")
+    typer.echo(f"per-image scores: {target}", err=True)
+
+
 def main() -> None:
     app()

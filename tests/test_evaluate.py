@@ -1,0 +1,62 @@
+"""`gms-deploy evaluate`: the demo model scored on the shipped phantoms, both protocols."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from gms_deploy.backends.torch_eager import TorchRunner
+from gms_deploy.bundle import demo_bundle
+from gms_deploy.cli import app
+from gms_deploy.evaluate import ImageScores, evaluate, summarise, write_scores
+
+SAMPLES = Path(__file__).resolve().parents[1] / "gms_deploy" / "data" / "samples"
+
+
+@pytest.fixture(scope="module")
+def scores() -> list[ImageScores]:
+    return evaluate(SAMPLES, TorchRunner(demo_bundle()))
+
+
+def test_demo_model_scores_well_on_the_shipped_phantoms(scores: list[ImageScores]) -> None:
+    assert len(scores) == len(list((SAMPLES / "images").glob("*.png"))) >= 5
+    summary = summarise(scores)
+    assert summary["dsc"][0] >= 0.85 and summary["dsc_224"][0] >= 0.85
+    # picked for variety before training: the widest (224 x 300, squashed to a square) is weakest
+    assert min(s.dsc for s in scores) >= 0.75 and sum(s.dsc >= 0.8 for s in scores) >= len(scores) - 1
+    assert all(0.0 <= s.iou <= s.dsc <= 1.0 for s in scores)
+    assert all(np.isfinite(s.hd95) for s in scores)
+
+
+def test_scores_csv_has_official_avg_and_std_rows(scores: list[ImageScores], tmp_path: Path) -> None:
+    write_scores(tmp_path / "scores.csv", scores)
+    with (tmp_path / "scores.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["name"] for r in rows[-2:]] == ["Avg", "Std"]
+    dsc = [s.dsc for s in scores]
+    assert float(rows[-2]["dsc"]) == pytest.approx(np.mean(dsc))
+    assert float(rows[-1]["dsc"]) == pytest.approx(np.std(dsc, ddof=1))
+
+
+def test_empty_ground_truth_follows_the_official_convention(tmp_path: Path) -> None:
+    """An image whose mask is empty scores 0 Dice unless the model also predicts nothing (still 0)."""
+    data = tmp_path / "data"
+    shutil.copytree(SAMPLES, data)
+    first = sorted((data / "masks").glob("*.png"))[0]
+    Image.fromarray(np.zeros_like(np.asarray(Image.open(first)))).save(first)
+    (score,) = [s for s in evaluate(data, TorchRunner(demo_bundle())) if s.name == first.stem]
+    assert score.dsc == score.iou == 0.0 and score.hd95 == float("inf")
+
+
+def test_cli_evaluate_prints_the_summary(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["evaluate", "--data", str(SAMPLES), "--out", str(tmp_path / "s.csv")])
+    assert result.exit_code == 0, result.output
+    assert "dsc_224" in result.output and (tmp_path / "s.csv").is_file()
+    missing = CliRunner().invoke(app, ["evaluate", "--data", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 2 and "nowhere" in missing.output
