@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-import torch
 
 from gms_deploy.bundle import ModelBundle, demo_bundle
 from gms_deploy.train import demo_model
@@ -18,13 +16,7 @@ SAMPLES = Path(demo_model.__file__).resolve().parents[1] / "data" / "samples"
 SAMPLE_NAMES = [f"phantom_{seed}.png" for seed, _ in demo_model.SAMPLES]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models on a shared 2-core machine run ~10x faster on one thread than on two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_demo_bundle_settings() -> None:
