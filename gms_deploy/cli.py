@@ -73,7 +73,10 @@ def infer(
             bar.total = total
             bar.update(done - bar.n)
 
-        report = run_inference(inputs, runner, options, progress)
+        try:
+            report = run_inference(inputs, runner, options, progress)
+        except ValueError as err:  # an unusable --out or options, or a foreign results.csv there
+            raise _fail(str(err)) from None
     summary = f"{report.frames} frame(s) from {report.files} file(s) -> {out}"
     if report.skipped:
         summary += f"; {report.skipped} skipped (outputs exist; --overwrite replaces them)"

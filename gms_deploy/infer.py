@@ -78,6 +78,8 @@ def run_inference(
     if options.batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {options.batch_size}")
     out_dir = options.out_dir.resolve()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{options.out_dir}: exists and is not a folder")
     threshold = runner.settings.threshold if options.threshold is None else options.threshold
     table = ResultsTable(out_dir / RESULTS)
     report = InferReport()
@@ -93,16 +95,18 @@ def run_inference(
             table.flush()
 
     batch: list[_Item] = []
-    for done, source in enumerate(sources, start=1):
-        report.files += 1
-        for item in _prepare(source, runner, options, report, table):
-            batch.append(item)
-            if len(batch) == options.batch_size:
-                flush(batch)
-        if progress is not None:
-            progress(done, len(sources))
-    flush(batch)
-    table.flush()
+    try:
+        for done, source in enumerate(sources, start=1):
+            report.files += 1
+            for item in _prepare(source, runner, options, report, table):
+                batch.append(item)
+                if len(batch) == options.batch_size:
+                    flush(batch)
+            if progress is not None:
+                progress(done, len(sources))
+        flush(batch)
+    finally:  # Ctrl-C included: the rows of every finished output reach results.csv
+        table.flush()
     return report
 
 

@@ -124,6 +124,30 @@ def test_existing_outputs_are_kept_unless_overwrite(
     assert len(_rows(out)) == 1  # one row per frame, replaced, never duplicated
 
 
+class _InterruptedRunner(TorchRunner):
+    """Fault injection: Ctrl-C arrives during the second batch."""
+
+    calls = 0
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        if self.calls == 2:
+            raise KeyboardInterrupt
+        return super().__call__(images)
+
+
+def test_ctrl_c_keeps_finished_outputs_and_their_rows(
+    tree: Path, tiny_bundle: ModelBundle, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        run_inference(
+            [tree / "patient1" / "cine.dcm"], _InterruptedRunner(tiny_bundle), InferOptions(out, batch_size=4)
+        )
+    assert len(list(out.glob("*_mask.png"))) == 4 and len(_rows(out)) == 4
+    assert not list(out.glob(".*"))
+
+
 def test_output_folder_inside_input_is_not_read_back(tree: Path, tiny_bundle: ModelBundle) -> None:
     out = tree / "masks"
     runner = TorchRunner(tiny_bundle)
@@ -200,6 +224,13 @@ def test_cli_exit_codes_and_messages(tree: Path, tiny_bundle: ModelBundle, tmp_p
     assert code == 2 and "--vae and --mapper go together" in output
     code, output = _invoke("infer", tree, "--out", tmp_path / "o5", "--model", model, "--device", "cuda")
     assert code == 2 and "no CUDA GPU" in output
+    (tmp_path / "a_file").write_text("")
+    code, output = _invoke("infer", tree, "--out", tmp_path / "a_file", "--model", model)
+    assert code == 2 and "exists and is not a folder" in output
+    (tmp_path / "o6").mkdir()
+    (tmp_path / "o6" / "results.csv").write_text("name,score\nx,1\n")
+    code, output = _invoke("infer", tree, "--out", tmp_path / "o6", "--model", model)
+    assert code == 2 and "not a results table" in output
 
 
 def test_cli_as_a_subprocess(tiny_bundle: ModelBundle, tmp_path: Path) -> None:
