@@ -148,6 +148,48 @@ def export(
 
 
 @app.command()
+def build(
+    export_dir: Annotated[Path, typer.Argument(help="A `gms-deploy export` folder; engines go beside it.")],
+    trt: Annotated[str, typer.Option("--trt", help="auto, tensorrt or rtx (TensorRT for RTX).")] = "auto",
+    precision: Annotated[str, typer.Option(help="Which exported graphs: fp16 or fp32.")] = "fp16",
+    min_batch: Annotated[int, typer.Option("--min-batch", min=1)] = 1,
+    opt_batch: Annotated[int, typer.Option("--opt-batch", min=1)] = 1,
+    max_batch: Annotated[int, typer.Option("--max-batch", min=1)] = 8,
+    target_cc: Annotated[
+        list[str] | None,
+        typer.Option("--target-cc", help="TensorRT for RTX: build for e.g. SM86 (repeat); default: this GPU"),
+    ] = None,
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="Build even if the cached engine matches.")] = (
+        False
+    ),
+) -> None:
+    """Build TensorRT engines for an export's graphs, for the GPU they will run on (cached)."""
+    from gms_deploy.engines import build_engines
+    from gms_deploy.trt import BuildError, TrtUnavailable
+
+    if trt not in ("auto", "tensorrt", "rtx") or precision not in ("fp16", "fp32"):
+        raise _fail(f"--trt takes auto, tensorrt or rtx, --precision fp16 or fp32 (got {trt}, {precision})")
+    try:
+        records = build_engines(
+            export_dir,
+            trt,  # type: ignore[arg-type]  # checked above
+            precision,
+            min_batch,
+            opt_batch,
+            max_batch,
+            tuple(target_cc or ()),
+            rebuild,
+        )
+    except (BackendError, BuildError, TrtUnavailable, ValueError) as err:
+        raise _fail(str(err)) from None
+    for record in records:
+        typer.echo(
+            f"{record.path.name}: {record.status} ({record.reason}), {record.size / 2**20:.1f} MiB, "
+            f"{record.seconds:.1f} s"
+        )
+
+
+@app.command()
 def train(
     data: Annotated[Path, typer.Option("--data", help="Folder with images/ and masks/ (matching names).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: checkpoints, config, state.")],

@@ -7,7 +7,7 @@ from pathlib import Path
 from gms_deploy.backends.base import BackendError, Runner
 from gms_deploy.bundle import ModelBundle, demo_bundle
 
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 
 def resolve_bundle(model: Path | None, vae: Path | None, mapper: Path | None) -> ModelBundle:
@@ -42,6 +42,15 @@ def open_runner(
                 "(--vae/--mapper are PyTorch checkpoints, which it does not read)"
             )
         return OnnxRuntimeRunner(model, device)
+    if backend == "tensorrt":
+        from gms_deploy.backends.tensorrt import TensorRTRunner
+
+        if model is None or vae is not None or mapper is not None:
+            raise BackendError(
+                "--backend tensorrt runs the engines `gms-deploy build` put in a `gms-deploy export` "
+                "folder: give it as --model EXPORT_DIR"
+            )
+        return TensorRTRunner(model, device)
     raise BackendError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
 
 

@@ -54,6 +54,15 @@ class Flavour:
 
         Only TensorRT for RTX builds for a GPU other than the one present; asking TensorRT to is an error.
         """
+        self.check_targets(targets)
+        if not targets:
+            return
+        config.num_compute_capabilities = len(targets)
+        for index, target in enumerate(targets):
+            config.set_compute_capability(self.trt.ComputeCapability.__members__[target.upper()], index)
+
+    def check_targets(self, targets: tuple[str, ...]) -> None:
+        """Refuse targets this flavour cannot build for, before any build starts."""
         if not targets:
             return
         if self.name != "rtx":
@@ -66,9 +75,6 @@ class Flavour:
             raise TrtUnavailable(
                 f"{self.label} cannot target {', '.join(unknown)}; it knows {', '.join(known)}"
             )
-        config.num_compute_capabilities = len(targets)
-        for index, target in enumerate(targets):
-            config.set_compute_capability(self.trt.ComputeCapability.__members__[target.upper()], index)
 
 
 def find_flavour(which: Literal["auto", "tensorrt", "rtx"] = "auto") -> Flavour:

@@ -1,0 +1,79 @@
+"""TensorRT: runs the fused ``gms`` engine that ``gms-deploy build`` put in an export directory.
+
+The fused engine rather than the three per-stage ones, for the reasons the ONNX Runtime runner
+gives: one context and one launch (one CUDA graph) per batch, no latent handed between engines,
+and TensorRT can fuse across the encoder/mapper/decoder seams. The per-stage engines serve
+per-stage timing and checks. Everything that can be checked without a GPU (manifest, TensorRT
+version, engine hash) is checked by ``gms_deploy.engines.check_engine`` before TensorRT sees the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from gms_deploy.backends.base import BackendError, Runner
+from gms_deploy.backends.onnxruntime import read_manifest
+
+GRAPH = "gms"
+
+
+class TensorRTRunner(Runner):
+    name = "tensorrt"
+
+    def __init__(self, export_dir: Path, device: str = "cuda", precision: str = "fp16") -> None:
+        """``device`` ``cpu`` (the CLI's default) means the first GPU: an engine runs nowhere else."""
+        import torch
+
+        from gms_deploy.engines import check_engine, current_gpu
+        from gms_deploy.trt import TrtUnavailable, find_flavour
+
+        self.export_dir = Path(export_dir)
+        manifest = read_manifest(self.export_dir)
+        self.settings = manifest["settings"]
+        self.model_name = str(manifest.get("model", self.export_dir.name))
+        if not torch.cuda.is_available():
+            raise BackendError("--backend tensorrt needs a CUDA GPU, and PyTorch sees no GPU here")
+        kind, _, index = device.partition(":")
+        if kind not in ("cpu", "cuda") or (index and not index.isdigit()):
+            raise BackendError(f"--device {device}: expected cuda[:N]")
+        self.device = torch.device("cuda", int(index or 0))
+        entry = next((e for e in manifest.get("engines", []) if e.get("graph") == GRAPH), None)
+        try:
+            flavour = find_flavour(entry["flavour"] if entry else "auto")
+        except TrtUnavailable as err:
+            raise BackendError(str(err)) from None
+        gpu = current_gpu(self.device.index or 0)
+        path = check_engine(self.export_dir, GRAPH, flavour, precision, gpu)
+        from gms_deploy.trt.engine import Engine, EngineLoadError
+
+        try:
+            # TensorRT for RTX's just-in-time kernels, kept beside the engine for the next process.
+            self.engine = Engine(flavour, path, self.device, path.with_suffix(".runtime-cache"))
+        except EngineLoadError as err:
+            raise BackendError(f"{err}; run `gms-deploy build {self.export_dir} --rebuild`") from None
+        self.label = f"{flavour.label} {precision.upper()} fused engine on {gpu.name if gpu else self.device}"
+
+    @property
+    def description(self) -> str:
+        return f"{self.label} ({self.model_name}, {self.export_dir})"
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        import torch
+
+        size = self.settings.image_size
+        if images.ndim != 4 or images.shape[1:] != (3, size, size):
+            raise BackendError(
+                f"{self.export_dir}: expects B x 3 x {size} x {size} images, got {images.shape}"
+            )
+        low, high = self.engine.profile_batches()
+        pieces = []
+        # Batches beyond the engine's profile run in slices rather than failing.
+        for start in range(0, len(images), high):
+            chunk = torch.from_numpy(np.ascontiguousarray(images[start : start + high], dtype=np.float32))
+            if len(chunk) < low:
+                raise BackendError(f"{self.export_dir}: the engine needs batches of at least {low}")
+            (prob,) = self.engine({self.engine.inputs[0]: chunk.to(self.device)}).values()
+            pieces.append(prob[:, 0].float().cpu().numpy())
+        return np.concatenate(pieces)

@@ -1,0 +1,210 @@
+"""``gms-deploy build``: TensorRT engines beside an export's ONNX graphs, cached and checked by its manifest.
+
+Exports are made on a workstation, engines on the machine (or for the GPU) they will run on. Each
+engine is recorded in the ``engines`` section of the export's ``manifest.json`` with everything
+that went into it; the cache key hashes all of that, as Holoscan keys its engine cache, so an
+unchanged build is skipped and a changed ONNX file, TensorRT version, GPU or target list rebuilds
+with a one-line reason rather than a hard error from TensorRT at load time. Engines and the manifest
+are written atomically: an interrupted build leaves no engine that looks valid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from gms_deploy.backends.base import BackendError
+from gms_deploy.backends.onnxruntime import graph_entry, read_manifest
+from gms_deploy.io.outputs import write_atomic
+from gms_deploy.onnx_export import MANIFEST, sha256
+from gms_deploy.trt.build import BatchProfile, build_engine
+from gms_deploy.trt.flavour import Flavour, find_flavour
+
+log = logging.getLogger(__name__)
+GRAPHS = ("encoder", "mapper", "decoder", "gms")
+# Fields that change what TensorRT builds; a difference in any of them is named when it rebuilds.
+KEY_FIELDS = ("onnx_sha256", "flavour", "version", "targets", "gpu", "precision", "profile")
+REBUILD = "run `gms-deploy build {dir}` (or add --rebuild)"
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    """The CUDA GPU present; its compute capability in TensorRT for RTX's spelling (``SM86``)."""
+
+    name: str
+    sm_count: int
+    compute_capability: str
+
+
+@dataclass(frozen=True)
+class EngineRecord:
+    """One graph's outcome: ``built`` or ``skipped`` (cache hit), with why when it rebuilt."""
+
+    graph: str
+    path: Path
+    status: Literal["built", "skipped"]
+    seconds: float
+    size: int
+    reason: str
+
+
+def current_gpu(device: int = 0) -> GpuInfo | None:
+    """The GPU PyTorch sees, or None: the key must differ between GPUs but not between runs on one."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(device)
+    return GpuInfo(props.name, props.multi_processor_count, f"SM{props.major}{props.minor}")
+
+
+def engine_file(graph: str, precision: str) -> str:
+    return f"{graph}_{precision}.engine"
+
+
+def _key(entry: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps({k: entry[k] for k in KEY_FIELDS}, sort_keys=True).encode()).hexdigest()
+
+
+def _stale(old: dict[str, Any] | None, new: dict[str, Any], export_dir: Path) -> str | None:
+    """Why the engine ``old`` describes cannot be reused for ``new``; None when it can."""
+    if old is None:
+        return "not built yet"
+    path = export_dir / new["file"]
+    if not path.is_file():
+        return "engine file missing"
+    changed = [k for k in KEY_FIELDS if old.get(k) != new[k]]
+    if changed:
+        names = {"onnx_sha256": "ONNX graph", "version": "TensorRT version", "gpu": "GPU"}
+        return f"{', '.join(names.get(k, k) for k in changed)} changed since the last build"
+    if sha256(path) != old.get("sha256"):
+        return "engine file changed since it was built"
+    return None
+
+
+def _is(entry: dict[str, Any], graph: str, precision: str) -> bool:
+    return (entry.get("graph"), entry.get("precision")) == (graph, precision)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    text = (json.dumps(data, indent=2) + "\n").encode()
+    write_atomic(path, lambda f: f.write(text))
+
+
+def build_engines(
+    export_dir: Path,
+    flavour: Literal["auto", "tensorrt", "rtx"] = "auto",
+    precision: str = "fp16",
+    min_batch: int = 1,
+    opt_batch: int = 1,
+    max_batch: int = 8,
+    targets: tuple[str, ...] = (),
+    rebuild: bool = False,
+    graphs: tuple[str, ...] = GRAPHS,
+) -> list[EngineRecord]:
+    """Build (or reuse) one engine per graph of ``export_dir`` and record them in its manifest.
+
+    Raises ``BackendError`` (bad export), ``TrtUnavailable`` (no TensorRT, bad targets) or
+    ``BuildError`` (TensorRT refused a graph); each prints as one line.
+    """
+    export_dir = Path(export_dir)
+    manifest = read_manifest(export_dir)  # checks format, version and validation before any build
+    chosen = find_flavour(flavour)
+    profile = BatchProfile(min_batch, opt_batch, max_batch)
+    gpu = current_gpu()
+    wanted = [t.upper() for t in targets]
+    chosen.check_targets(tuple(wanted))
+    manifest_path = export_dir / MANIFEST
+    records = []
+    for graph in graphs:
+        source = graph_entry(manifest, export_dir, graph, precision)
+        onnx_path = export_dir / source["file"]
+        if not onnx_path.is_file() or sha256(onnx_path) != source["sha256"]:
+            raise BackendError(f"{onnx_path}: missing or its SHA-256 does not match {MANIFEST}; export again")
+        entry: dict[str, Any] = {
+            "graph": graph,
+            "file": engine_file(graph, precision),
+            "precision": precision,
+            "flavour": chosen.name,
+            "version": chosen.version,
+            "targets": wanted,
+            "gpu": asdict(gpu) if gpu is not None else None,
+            "profile": asdict(profile),
+            "onnx_sha256": source["sha256"],
+        }
+        entry["key"] = _key(entry)
+        raw = json.loads(manifest_path.read_text())  # re-read: the previous graph's entry is in it
+        engines = [e for e in raw.get("engines", []) if not _is(e, graph, precision)]
+        old = next((e for e in raw.get("engines", []) if _is(e, graph, precision)), None)
+        path = export_dir / entry["file"]
+        reason = "--rebuild" if rebuild else _stale(old, entry, export_dir)
+        if reason is None:
+            log.info("%s: unchanged (cache key %s), skipped", path.name, entry["key"][:12])
+            records.append(EngineRecord(graph, path, "skipped", 0.0, path.stat().st_size, "unchanged"))
+            continue
+        if old is not None:
+            log.warning("%s: rebuilding: %s", path.name, reason)
+        built = build_engine(chosen, onnx_path, profile, tuple(wanted), cache_dir=export_dir)
+        write_atomic(path, lambda f, data=built.engine: f.write(data))
+        entry.update(sha256=sha256(path), seconds=round(built.seconds, 3))
+        raw["engines"] = [*engines, entry]
+        _write_json(manifest_path, raw)
+        records.append(EngineRecord(graph, path, "built", built.seconds, len(built.engine), reason))
+    return records
+
+
+def check_engine(
+    export_dir: Path,
+    graph: str,
+    flavour: Flavour,
+    precision: str = "fp16",
+    gpu: GpuInfo | None = None,
+) -> Path:
+    """The engine file for ``graph``, after checking it may be loaded by ``flavour`` on ``gpu``.
+
+    Every refusal is one ``BackendError`` line that says to rebuild: a mismatch found here is
+    cheap to explain, while TensorRT deserialising a foreign or truncated engine can abort the
+    process. ``gpu`` None skips the GPU checks (a build machine without one).
+    """
+    export_dir = Path(export_dir)
+    advice = REBUILD.format(dir=export_dir)
+    manifest = read_manifest(export_dir)
+    entry = next((e for e in manifest.get("engines", []) if _is(e, graph, precision)), None)
+    if entry is None:
+        raise BackendError(f"{export_dir / MANIFEST}: no {graph} {precision} engine recorded; {advice}")
+    path = export_dir / entry["file"]
+    built_with = f"{entry.get('flavour')} {entry.get('version')}"
+    if (entry.get("flavour"), entry.get("version")) != (flavour.name, flavour.version):
+        raise BackendError(
+            f"{path}: built with TensorRT {built_with}, installed is {flavour.name} {flavour.version}; "
+            + advice
+        )
+    if gpu is not None:
+        targets = entry.get("targets") or []
+        built_on = (entry.get("gpu") or {}).get("compute_capability")
+        allowed = targets or ([built_on] if built_on else [])
+        if allowed and gpu.compute_capability not in allowed:
+            raise BackendError(
+                f"{path}: built for {', '.join(allowed)}, this GPU ({gpu.name}) is "
+                f"{gpu.compute_capability}; {advice}"
+            )
+    if not path.is_file() or sha256(path) != entry.get("sha256"):
+        raise BackendError(f"{path}: missing, truncated or not the engine {MANIFEST} records; {advice}")
+    if gpu is not None and hasattr(flavour.trt.Runtime, "get_engine_validity"):
+        _check_validity(flavour, path, advice)
+    return path
+
+
+def _check_validity(flavour: Flavour, path: Path, advice: str) -> None:
+    """TensorRT for RTX's own verdict on an engine for this GPU and driver (needs a GPU)."""
+    trt = flavour.trt
+    runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
+    validity, diagnostics = runtime.get_engine_validity(path.read_bytes())
+    if validity == trt.EngineValidity.INVALID:
+        raise BackendError(f"{path}: {flavour.label} says it is invalid here ({diagnostics}); {advice}")
+    if validity == trt.EngineValidity.SUBOPTIMAL:
+        log.warning("%s: %s says it runs here but suboptimally (%s)", path, flavour.label, diagnostics)

@@ -1,0 +1,133 @@
+"""A TensorRT engine run on torch CUDA tensors (GPU only), in the spirit of TensorRT's demo/Diffusion.
+
+Tensors are bound by name with ``set_tensor_address`` and run with ``execute_async_v3`` on a torch
+stream, so no pycuda or cuda-python is needed. Output buffers are allocated once per batch size and
+reused; optionally the launch is captured once per batch size as a CUDA graph and replayed, which
+removes TensorRT's per-call launch overhead at small batches. TensorRT for RTX compiles kernels
+just in time on the first run; its runtime cache keeps them in a file so later processes start fast.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gms_deploy.io.outputs import write_atomic
+from gms_deploy.trt.flavour import Flavour
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "INT32": torch.int32, "INT64": torch.int64}
+
+
+class EngineLoadError(Exception):
+    """TensorRT could not deserialise the engine or make a context for it; ``str()`` is one line."""
+
+
+class Engine:
+    """One engine, one execution context, device buffers per batch size, and CUDA graphs if asked."""
+
+    def __init__(
+        self,
+        flavour: Flavour,
+        path: Path,
+        device: torch.device,
+        runtime_cache: Path | None = None,
+        cuda_graphs: bool = True,
+    ) -> None:
+        trt = flavour.trt
+        self.path = Path(path)
+        self.device = device
+        self.cuda_graphs = cuda_graphs
+        self.runtime_cache = runtime_cache
+        with torch.cuda.device(device):
+            self.runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
+            self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
+            if self.engine is None:
+                raise EngineLoadError(f"{self.path}: {flavour.label} cannot deserialise it")
+            self._cache: Any = None  # TensorRT for RTX's IRuntimeCache, where there is one
+            if hasattr(self.engine, "create_runtime_config"):
+                config = self.engine.create_runtime_config()
+                if runtime_cache is not None and hasattr(config, "create_runtime_cache"):
+                    self._cache = config.create_runtime_cache()
+                    if runtime_cache.is_file() and not self._cache.deserialize(runtime_cache.read_bytes()):
+                        log.info("%s: runtime cache from another GPU, driver or version; refilled", path.name)
+                    config.set_runtime_cache(self._cache)
+                self.context = self.engine.create_execution_context(config)
+            else:
+                self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise EngineLoadError(f"{self.path}: {flavour.label} cannot create an execution context")
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if n not in self.inputs]
+        self.stream = torch.cuda.Stream(device)
+        self._buffers: dict[int, dict[str, torch.Tensor]] = {}
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+
+    def _dtype(self, name: str) -> torch.dtype:
+        return DTYPES[self.engine.get_tensor_dtype(name).name]
+
+    def _bind(self, batch: int) -> dict[str, torch.Tensor]:
+        """Static input and output buffers for ``batch``, bound to the context by name."""
+        if batch not in self._buffers:
+            buffers = {}
+            for name in self.inputs:
+                shape = (batch, *tuple(self.engine.get_tensor_shape(name))[1:])
+                buffers[name] = torch.empty(shape, dtype=self._dtype(name), device=self.device)
+                self.context.set_input_shape(name, shape)
+            for name in self.outputs:
+                shape = tuple(self.context.get_tensor_shape(name))
+                buffers[name] = torch.empty(shape, dtype=self._dtype(name), device=self.device)
+            self._buffers[batch] = buffers
+        buffers = self._buffers[batch]
+        for name, tensor in buffers.items():
+            if name in self.inputs:
+                self.context.set_input_shape(name, tuple(tensor.shape))
+            self.context.set_tensor_address(name, tensor.data_ptr())
+        return buffers
+
+    def _execute(self) -> None:
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise EngineLoadError(f"{self.path}: execute_async_v3 failed")
+
+    def __call__(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Run on CUDA tensors; returns the engine's output buffers (copy them before the next call)."""
+        batch = next(iter(feeds.values())).shape[0]
+        first = batch not in self._buffers
+        buffers = self._bind(batch)
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            for name, tensor in feeds.items():
+                buffers[name].copy_(tensor)
+            if batch in self._graphs:
+                self._graphs[batch].replay()
+            elif self.cuda_graphs and not first:  # the first run at a batch size is TensorRT's warm-up
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=self.stream):
+                    self._execute()
+                self._graphs[batch] = graph
+                graph.replay()  # capturing records the launch without running it
+            else:
+                self._execute()
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        if first:
+            self.save_runtime_cache()
+        return {name: buffers[name] for name in self.outputs}
+
+    def save_runtime_cache(self) -> None:
+        """Persist TensorRT for RTX's just-in-time kernels (a no-op without a runtime cache)."""
+        if self._cache is None or self.runtime_cache is None:
+            return
+        self.stream.synchronize()
+        data = bytes(self._cache.serialize())
+        write_atomic(self.runtime_cache, lambda f: f.write(data))
+        log.info("%s: runtime cache saved to %s (%d bytes)", self.path.name, self.runtime_cache, len(data))
+
+    def profile_batches(self) -> tuple[int, int]:
+        """The (min, max) batch of the engine's optimisation profile."""
+        low, _, high = self.engine.get_tensor_profile_shape(self.inputs[0], 0)
+        return int(low[0]), int(high[0])

@@ -1,0 +1,191 @@
+"""``gms-deploy build``: engines from the parity export with TensorRT for RTX, their cache and load checks.
+
+TensorRT for RTX builds ahead of time for a listed compute capability with no GPU, so building,
+caching and every check that needs no GPU (manifest, versions, hashes) run in CI. Deserialising
+and running an engine needs a GPU: that part is tested only where PyTorch sees one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from test_export import cli, exported
+
+from gms_deploy.backends import BackendError, open_runner
+from gms_deploy.cli import app
+from gms_deploy.engines import GRAPHS, EngineRecord, GpuInfo, build_engines, check_engine
+from gms_deploy.onnx_export import MANIFEST, sha256
+from gms_deploy.trt import Flavour, find_flavour
+
+pytest.importorskip(
+    "tensorrt_rtx", reason="TensorRT for RTX is not installed (pip install tensorrt-rtx-cu13)"
+)
+
+TARGETS = ("SM86",)
+BUILD = {"flavour": "rtx", "max_batch": 2, "targets": TARGETS}
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the GPU-less path")
+
+
+@pytest.fixture(scope="module")
+def rtx() -> Flavour:
+    return find_flavour("rtx")
+
+
+@pytest.fixture(scope="module")
+def first_build(
+    parity_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, list[EngineRecord]]:
+    """Every FP16 engine of a copy of the session's parity export (the copy keeps other tests' export)."""
+    source = exported("parity", tmp_path_factory, parity_dir).out_dir
+    root = tmp_path_factory.mktemp("engines") / "export"
+    shutil.copytree(source, root)
+    return root, build_engines(root, **BUILD)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def built(first_build: tuple[Path, list[EngineRecord]], tmp_path: Path) -> Path:
+    """A private copy of the built export, so that tests which change it stay independent."""
+    shutil.copytree(first_build[0], tmp_path / "export")
+    return tmp_path / "export"
+
+
+def engines(export_dir: Path) -> dict[str, dict]:
+    return {e["graph"]: e for e in json.loads((export_dir / MANIFEST).read_text())["engines"]}
+
+
+def test_every_engine_is_built_and_recorded(
+    first_build: tuple[Path, list[EngineRecord]], rtx: Flavour
+) -> None:
+    root, records = first_build
+    assert [(r.graph, r.status) for r in records] == [(g, "built") for g in GRAPHS]
+    manifest = json.loads((root / MANIFEST).read_text())
+    onnx_hashes = {g["graph"]: g["sha256"] for g in manifest["graphs"] if g["precision"] == "fp16"}
+    assert len(manifest["graphs"]) == 8 and manifest["validation"]["ok"]  # the rest of it is kept
+    recorded = engines(root)
+    assert set(recorded) == set(GRAPHS)
+    for graph, entry in recorded.items():
+        path = root / f"{graph}_fp16.engine"
+        assert entry["file"] == path.name and path.stat().st_size > 0
+        assert entry["sha256"] == sha256(path)
+        assert entry["onnx_sha256"] == onnx_hashes[graph]
+        assert (entry["flavour"], entry["version"]) == ("rtx", rtx.version)
+        assert entry["targets"] == list(TARGETS) and entry["precision"] == "fp16"
+        assert entry["gpu"] is None  # built without one
+        assert entry["profile"] == {"min": 1, "opt": 1, "max": 2}
+        assert entry["seconds"] > 0 and len(entry["key"]) == 64
+    assert not list(root.glob(".*.part"))  # atomic writes left no temporary files
+
+
+def test_unchanged_build_is_skipped(built: Path, caplog: pytest.LogCaptureFixture) -> None:
+    before = engines(built)
+    with caplog.at_level(logging.INFO, "gms_deploy"):
+        records = build_engines(built, **BUILD)  # type: ignore[arg-type]
+    assert {r.status for r in records} == {"skipped"}
+    assert "skipped" in caplog.text
+    assert engines(built) == before
+
+
+def test_changed_onnx_rebuilds_only_that_engine(built: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = built / "mapper_fp16.onnx"
+    model = onnx.load(str(path))
+    model.doc_string = "re-exported"
+    onnx.save(model, str(path))
+    manifest = json.loads((built / MANIFEST).read_text())
+    next(g for g in manifest["graphs"] if g["file"] == path.name)["sha256"] = sha256(path)
+    (built / MANIFEST).write_text(json.dumps(manifest))
+    with caplog.at_level(logging.INFO, "gms_deploy"):
+        records = build_engines(built, **BUILD)  # type: ignore[arg-type]
+    assert {r.graph: r.status for r in records} == {
+        "encoder": "skipped",
+        "mapper": "built",
+        "decoder": "skipped",
+        "gms": "skipped",
+    }
+    assert "mapper_fp16.engine: rebuilding: ONNX graph changed since the last build" in caplog.text
+    assert engines(built)["mapper"]["onnx_sha256"] == sha256(path)
+
+
+def test_rebuild_forces_and_other_targets_invalidate(built: Path) -> None:
+    (forced,) = build_engines(built, **BUILD, rebuild=True, graphs=("mapper",))  # type: ignore[arg-type]
+    assert (forced.status, forced.reason) == ("built", "--rebuild")
+    other = {**BUILD, "targets": ("SM89",)}
+    (retarget,) = build_engines(built, **other, graphs=("mapper",))  # type: ignore[arg-type]
+    assert (retarget.status, retarget.reason) == ("built", "targets changed since the last build")
+    assert engines(built)["mapper"]["targets"] == ["SM89"]
+
+
+def test_onnx_not_matching_its_manifest_is_refused(built: Path) -> None:
+    (built / "decoder_fp16.onnx").write_bytes(b"not onnx")
+    with pytest.raises(BackendError, match="SHA-256 does not match"):
+        build_engines(built, **BUILD, graphs=("decoder",))  # type: ignore[arg-type]
+
+
+def test_check_passes_for_a_good_engine(built: Path, rtx: Flavour) -> None:
+    assert check_engine(built, "gms", rtx) == built / "gms_fp16.engine"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "foreign"])
+def test_damaged_engine_is_refused_with_one_line(built: Path, rtx: Flavour, damage: str) -> None:
+    path = built / "gms_fp16.engine"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\0" * 4096)
+    with pytest.raises(BackendError, match="truncated or not the engine") as caught:
+        check_engine(built, "gms", rtx)
+    assert "\n" not in str(caught.value) and f"gms-deploy build {built}" in str(caught.value)
+
+
+def test_engine_from_another_tensorrt_or_for_another_gpu_is_refused(built: Path, rtx: Flavour) -> None:
+    manifest = json.loads((built / MANIFEST).read_text())
+    pristine = json.dumps(manifest)
+    next(e for e in manifest["engines"] if e["graph"] == "gms")["version"] = "0.9.0"
+    (built / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BackendError, match=r"built with TensorRT rtx 0\.9\.0, installed is rtx .*--rebuild"):
+        check_engine(built, "gms", rtx)
+    (built / MANIFEST).write_text(pristine)
+    with pytest.raises(BackendError, match=r"built for SM86, this GPU .* is SM89"):
+        check_engine(built, "gms", rtx, gpu=GpuInfo("NVIDIA GeForce RTX 4090", 128, "SM89"))
+    with pytest.raises(BackendError, match="no gms fp32 engine recorded"):
+        check_engine(built, "gms", rtx, precision="fp32")
+
+
+def test_cli_build_reports_each_engine(built: Path) -> None:
+    flags = ["--trt", "rtx", "--max-batch", "2", "--target-cc", "sm86"]
+    done = cli.invoke(app, ["build", str(built), *flags])
+    assert done.exit_code == 0, done.output
+    lines = done.stdout.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == [f"{g}_fp16.engine" for g in GRAPHS]
+    assert all("skipped (unchanged)" in line and "MiB" in line for line in lines)
+    refused = cli.invoke(app, ["build", str(built), "--trt", "rtx", "--target-cc", "SM90"])
+    assert refused.exit_code == 2
+    assert "cannot target SM90" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+
+
+@NO_GPU
+def test_tensorrt_runner_says_there_is_no_gpu(built: Path) -> None:
+    with pytest.raises(BackendError, match="needs a CUDA GPU") as caught:
+        open_runner("tensorrt", built)
+    assert "\n" not in str(caught.value)
+    with pytest.raises(BackendError, match="--model EXPORT_DIR"):
+        open_runner("tensorrt", None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="running an engine needs a CUDA GPU")
+def test_tensorrt_runner_matches_onnxruntime_on_a_gpu(built: Path) -> None:
+    build_engines(built, flavour="rtx", max_batch=2)  # for the GPU present (replaces the SM86 engines)
+    runner = open_runner("tensorrt", built, device="cuda")
+    reference = open_runner("onnxruntime", built)
+    size = runner.settings.image_size
+    images = np.random.default_rng(0).uniform(-1, 1, (3, 3, size, size)).astype(np.float32)
+    for _ in range(3):  # warm-up, CUDA graph capture, replay
+        prob = runner(images)
+    expected = reference(images)
+    assert prob.shape == expected.shape
+    mask, want = prob > 0.5, expected > 0.5
+    assert 2 * (mask & want).sum() / (mask.sum() + want.sum() + 1e-9) >= 0.99
