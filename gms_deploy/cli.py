@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from tqdm import tqdm
@@ -125,6 +125,9 @@ def export(
     data_max: Annotated[float, typer.Option("--data-max", help="AutoCast keeps larger values FP32.")] = 512.0,
     validate: Annotated[bool, typer.Option(help="Compare every graph with eager PyTorch.")] = True,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing export.")] = False,
+    engines: Annotated[
+        bool, typer.Option("--engines", help="Then build the FP16 engines for this machine's TensorRT/GPU.")
+    ] = False,
 ) -> None:
     """Export the model to ONNX (FP32 and strongly typed FP16), validated against PyTorch."""
     from gms_deploy.onnx_export import ExportError, export_model
@@ -145,6 +148,8 @@ def export(
         typer.echo(result.validation.table(), err=True)
     timings = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in result.seconds.items())
     typer.echo(f"{len(result.graphs)} graph(s) -> {out} ({timings})", err=True)
+    if engines:
+        _build_engines(out)
 
 
 @app.command()
@@ -164,22 +169,20 @@ def build(
     ),
 ) -> None:
     """Build TensorRT engines for an export's graphs, for the GPU they will run on (cached)."""
+    if trt not in ("auto", "tensorrt", "rtx") or precision not in ("fp16", "fp32"):
+        raise _fail(f"--trt takes auto, tensorrt or rtx, --precision fp16 or fp32 (got {trt}, {precision})")
+    _build_engines(
+        export_dir, trt, precision, min_batch, opt_batch, max_batch, tuple(target_cc or ()), rebuild
+    )
+
+
+def _build_engines(export_dir: Path, *args: Any) -> None:
+    """``build`` and ``export --engines``: build (or skip) every engine and print a line for each."""
     from gms_deploy.engines import build_engines
     from gms_deploy.trt import BuildError, TrtUnavailable
 
-    if trt not in ("auto", "tensorrt", "rtx") or precision not in ("fp16", "fp32"):
-        raise _fail(f"--trt takes auto, tensorrt or rtx, --precision fp16 or fp32 (got {trt}, {precision})")
     try:
-        records = build_engines(
-            export_dir,
-            trt,  # type: ignore[arg-type]  # checked above
-            precision,
-            min_batch,
-            opt_batch,
-            max_batch,
-            tuple(target_cc or ()),
-            rebuild,
-        )
+        records = build_engines(export_dir, *args)
     except (BackendError, BuildError, TrtUnavailable, ValueError) as err:
         raise _fail(str(err)) from None
     for record in records:

@@ -189,3 +189,16 @@ def test_tensorrt_runner_matches_onnxruntime_on_a_gpu(built: Path) -> None:
     assert prob.shape == expected.shape
     mask, want = prob > 0.5, expected > 0.5
     assert 2 * (mask & want).sum() / (mask.sum() + want.sum() + 1e-9) >= 0.99
+
+
+def test_export_with_engines_builds_them_in_one_command(tmp_path: Path) -> None:
+    """Export on the machine that runs the engines: `export --engines` (the demo model, FP16 only)."""
+    out = tmp_path / "onnx"
+    result = cli.invoke(
+        app, ["export", "--out", str(out), "--precision", "fp16", "--no-validate", "--engines"]
+    )
+    assert result.exit_code == 0, result.output
+    engines = json.loads((out / MANIFEST).read_text())["engines"]
+    assert sorted(e["graph"] for e in engines) == sorted(GRAPHS)
+    assert all((out / e["file"]).is_file() and e["precision"] == "fp16" for e in engines)
+    assert result.output.count(": built") == len(GRAPHS)
