@@ -36,22 +36,22 @@ def open_runner(
     if backend == "onnxruntime":
         from gms_deploy.backends.onnxruntime import OnnxRuntimeRunner
 
-        if model is None or vae is not None or mapper is not None:
-            raise BackendError(
-                "--backend onnxruntime runs a `gms-deploy export` folder: give it as --model EXPORT_DIR "
-                "(--vae/--mapper are PyTorch checkpoints, which it does not read)"
-            )
-        return OnnxRuntimeRunner(model, device)
+        return OnnxRuntimeRunner(_export_dir(backend, model, vae, mapper), device)
     if backend == "tensorrt":
         from gms_deploy.backends.tensorrt import TensorRTRunner
 
-        if model is None or vae is not None or mapper is not None:
-            raise BackendError(
-                "--backend tensorrt runs the engines `gms-deploy build` put in a `gms-deploy export` "
-                "folder: give it as --model EXPORT_DIR"
-            )
-        return TensorRTRunner(model, device)
+        return TensorRTRunner(_export_dir(backend, model, vae, mapper), device)
     raise BackendError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+
+
+def _export_dir(backend: str, model: Path | None, vae: Path | None, mapper: Path | None) -> Path:
+    """The backends that run exported graphs or engines take the export folder, never checkpoints."""
+    if model is None or vae is not None or mapper is not None:
+        raise BackendError(
+            f"--backend {backend} runs a `gms-deploy export` folder (and the engines `gms-deploy build` "
+            "put there): give it as --model EXPORT_DIR; --vae/--mapper are PyTorch checkpoints"
+        )
+    return model
 
 
 __all__ = ["BACKENDS", "BackendError", "Runner", "open_runner", "resolve_bundle"]
