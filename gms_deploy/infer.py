@@ -1,10 +1,12 @@
-"""The batch driver: inputs -> frames -> runner -> masks on disk, surviving bad files.
+"""The batch driver: inputs -> frames -> segmenter -> masks on disk, surviving bad files.
 
-Every backend shares this file's input and output handling, so they differ only in how a batch
-of preprocessed images becomes probability maps. A file that cannot be read, or a batch that
-fails, is recorded with a one-line reason and the run goes on; outputs are written atomically and
-never replaced unless asked, and ``results.csv`` is rewritten after every batch, so an interrupted
-run keeps everything it finished.
+Three threads, two bounded queues: a reader decodes and prepares frames a few batches ahead, the
+caller's thread runs batches through the segmenter (and so the GPU), a writer encodes and writes
+outputs in input order. Every backend shares this file's input and output handling, so they differ
+only in how a batch becomes masks. A file that cannot be read, or a batch that fails, is recorded
+with a one-line reason and the run goes on; outputs are written atomically and never replaced
+unless asked, and ``results.csv`` is rewritten after every batch, so an interrupted run keeps
+everything it finished (on Ctrl-C the writer first finishes the masks already computed).
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -22,8 +25,9 @@ from gms_deploy.backends.base import Runner
 from gms_deploy.io.frames import Frame, InputError
 from gms_deploy.io.inputs import Source, discover, read_frames
 from gms_deploy.io.outputs import OutputPaths, ResultRow, ResultsTable, overlay, write_npy, write_png
-from gms_deploy.postprocess import Box, area_mm2, paste, roi_box, to_mask, upsample
-from gms_deploy.preprocess import preprocess
+from gms_deploy.postprocess import Box, area_mm2, paste, roi_box
+from gms_deploy.segment import Segmentation, Segmenter, segmenter_for
+from gms_deploy.stream import Prefetch, Writer
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +68,77 @@ class _Item:
     outputs: OutputPaths
     todo: frozenset[str]
     box: Box | None
-    image: np.ndarray
+    prepared: Any
     seconds: float
+
+
+@dataclass
+class _Failed:
+    source: Path
+    index: int | None
+    message: str
+
+
+@dataclass
+class _Skipped:
+    """A frame whose outputs all exist already."""
+
+
+@dataclass
+class _FileDone:
+    done: int
+    total: int
+
+
+_Event = _Item | _Failed | _Skipped | _FileDone
+
+
+@dataclass
+class _Ledger:
+    """The run's report and results table, written only by the writer thread once the run starts."""
+
+    report: InferReport
+    table: ResultsTable
+
+    def fail(self, failed: _Failed) -> None:
+        log.error("%s", failed.message)
+        self.report.failures.append(failed.message)
+        self.table.add(
+            ResultRow(
+                source=str(failed.source),
+                frame=failed.index,
+                output="",
+                area_px=None,
+                area_mm2=None,
+                seconds=None,
+                status="failed",
+                message=failed.message,
+            )
+        )
+
+    def finish(self, item: _Item, result: Segmentation, share: float) -> None:
+        """One frame's outputs on disk, then its row."""
+        begin = time.perf_counter()
+        frame = item.frame
+        try:
+            area_px, area = _write(item, result)
+        except OSError as err:
+            message = f"{frame.source}: cannot write outputs: {_one_line(err)}"
+            self.fail(_Failed(frame.source, frame.index, message))
+            return
+        self.report.frames += 1
+        self.table.add(
+            ResultRow(
+                source=str(frame.source),
+                frame=frame.index,
+                output=str(item.outputs.mask),
+                area_px=area_px,
+                area_mm2=area,
+                seconds=item.seconds + share + time.perf_counter() - begin,
+                status="ok",
+                message="",
+            )
+        )
 
 
 def run_inference(
@@ -73,158 +146,115 @@ def run_inference(
     runner: Runner,
     options: InferOptions,
     progress: Callable[[int, int], None] | None = None,
+    segmenter: Segmenter | None = None,
 ) -> InferReport:
-    """Segment every frame under ``inputs``; ``progress(done, total)`` is called per file."""
+    """Segment every frame under ``inputs``; ``progress(done, total)`` is called per file.
+
+    ``segmenter`` defaults to the fused pipeline for a torch runner on a GPU, the host one otherwise.
+    """
     if options.batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {options.batch_size}")
     out_dir = options.out_dir.resolve()
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{options.out_dir}: exists and is not a folder")
+    segmenter = segmenter or segmenter_for(runner)
     threshold = runner.settings.threshold if options.threshold is None else options.threshold
-    table = ResultsTable(out_dir / RESULTS)
     report = InferReport()
+    ledger = _Ledger(report, ResultsTable(out_dir / RESULTS))
     sources, errors = discover(inputs)
     sources = [s for s in sources if not s.path.resolve().is_relative_to(out_dir)]
-    for error in errors:
-        _fail(report, table, error.path, None, str(error))
-
-    def flush(batch: list[_Item]) -> None:
-        if batch:
-            _run_batch(batch, runner, threshold, report, table)
-            batch.clear()
-            table.flush()
-
+    depth = 2 * options.batch_size
     batch: list[_Item] = []
     try:
-        for done, source in enumerate(sources, start=1):
-            report.files += 1
-            for item in _prepare(source, runner, options, report, table):
-                batch.append(item)
-                if len(batch) == options.batch_size:
-                    flush(batch)
-            if progress is not None:
-                progress(done, len(sources))
-        flush(batch)
+        with Writer(depth) as writer, Prefetch(_events(sources, segmenter, options), depth) as reader:
+            for error in errors:
+                writer.submit(partial(ledger.fail, _Failed(error.path, None, str(error))))
+            for event in reader:
+                if isinstance(event, _Item):
+                    batch.append(event)
+                    if len(batch) == options.batch_size:
+                        _run_batch(batch, segmenter, threshold, options.save_prob, ledger, writer)
+                elif isinstance(event, _Failed):
+                    writer.submit(partial(ledger.fail, event))
+                elif isinstance(event, _Skipped):
+                    report.skipped += 1
+                else:
+                    report.files += 1
+                    if progress is not None:
+                        progress(event.done, event.total)
+            _run_batch(batch, segmenter, threshold, options.save_prob, ledger, writer)
     finally:  # Ctrl-C included: the rows of every finished output reach results.csv
-        table.flush()
+        ledger.table.flush()
     return report
 
 
-def _prepare(
-    source: Source,
-    runner: Runner,
-    options: InferOptions,
-    report: InferReport,
-    table: ResultsTable,
-) -> Iterator[_Item]:
-    """Frames of one file, ready to batch; a bad file ends here with its reason recorded."""
+def _events(sources: list[Source], segmenter: Segmenter, options: InferOptions) -> Iterator[_Event]:
+    """The reader thread's work: every frame of every file, prepared, with the run's bookkeeping."""
+    for done, source in enumerate(sources, start=1):
+        frames = read_frames(source)
+        while True:
+            start = time.perf_counter()
+            try:
+                frame = next(frames, None)
+            except InputError as err:
+                yield _Failed(source.path, None, str(err))
+                break
+            if frame is None:
+                break
+            yield _prepare(frame, segmenter, options, start)
+        yield _FileDone(done, len(sources))
+
+
+def _prepare(frame: Frame, segmenter: Segmenter, options: InferOptions, start: float) -> _Item | _Skipped:
     wanted = ("mask",) + ("prob",) * options.save_prob + ("overlay",) * options.overlay
-    frames = read_frames(source)
-    while True:
-        start = time.perf_counter()
-        try:
-            frame = next(frames, None)
-        except InputError as err:
-            _fail(report, table, source.path, None, str(err))
-            return
-        if frame is None:
-            return
-        outputs = OutputPaths.for_frame(options.out_dir, frame.rel, frame.index)
-        todo = frozenset(k for k in wanted if options.overwrite or not getattr(outputs, k).exists())
-        if not todo:
-            report.skipped += 1
-            continue
-        box = roi_box(frame.regions) if options.roi == "dicom" else None
-        if options.roi == "dicom" and box is None:
-            log.warning("%s: no 2D ultrasound region to crop to; segmenting the whole frame", frame.source)
-        pixels = frame.pixels if box is None else frame.pixels[box[1] : box[3], box[0] : box[2]]
-        image = preprocess(pixels, runner.settings.image_size)
-        yield _Item(frame, outputs, todo, box, image, time.perf_counter() - start)
+    outputs = OutputPaths.for_frame(options.out_dir, frame.rel, frame.index)
+    todo = frozenset(k for k in wanted if options.overwrite or not getattr(outputs, k).exists())
+    if not todo:
+        return _Skipped()
+    box = roi_box(frame.regions) if options.roi == "dicom" else None
+    if options.roi == "dicom" and box is None:
+        log.warning("%s: no 2D ultrasound region to crop to; segmenting the whole frame", frame.source)
+    pixels = frame.pixels if box is None else frame.pixels[box[1] : box[3], box[0] : box[2]]
+    return _Item(frame, outputs, todo, box, segmenter.prepare(pixels), time.perf_counter() - start)
 
 
 def _run_batch(
     batch: list[_Item],
-    runner: Runner,
+    segmenter: Segmenter,
     threshold: float,
-    report: InferReport,
-    table: ResultsTable,
+    keep_prob: bool,
+    ledger: _Ledger,
+    writer: Writer,
 ) -> None:
+    """Segment ``batch`` (then empty it) and hand its outputs to the writer."""
+    if not batch:
+        return
+    items = list(batch)
+    batch.clear()
     start = time.perf_counter()
     try:
-        probs = runner(np.stack([item.image for item in batch]))
+        results = segmenter([item.prepared for item in items], threshold, keep_prob)
     except Exception as err:  # a backend fault fails its batch, never the run
-        for item in batch:
-            _fail(
-                report,
-                table,
-                item.frame.source,
-                item.frame.index,
-                f"{item.frame.source}: {runner.name} failed on this batch: {_one_line(err)}",
-            )
+        for item in items:
+            message = f"{item.frame.source}: {segmenter.runner.name} failed on this batch: {_one_line(err)}"
+            writer.submit(partial(ledger.fail, _Failed(item.frame.source, item.frame.index, message)))
         return
-    share = (time.perf_counter() - start) / len(batch)
-    for item, prob in zip(batch, probs, strict=True):
-        begin = time.perf_counter()
-        try:
-            area_px, area = _write(item, prob, threshold)
-        except OSError as err:
-            _fail(
-                report,
-                table,
-                item.frame.source,
-                item.frame.index,
-                f"{item.frame.source}: cannot write outputs: {_one_line(err)}",
-            )
-            continue
-        report.frames += 1
-        seconds = item.seconds + share + time.perf_counter() - begin
-        table.add(
-            ResultRow(
-                source=str(item.frame.source),
-                frame=item.frame.index,
-                output=str(item.outputs.mask),
-                area_px=area_px,
-                area_mm2=area,
-                seconds=seconds,
-                status="ok",
-                message="",
-            )
-        )
+    share = (time.perf_counter() - start) / len(items)
+    for item, result in zip(items, results, strict=True):
+        writer.submit(partial(ledger.finish, item, result, share))
+    writer.submit(ledger.table.flush)
 
 
-def _write(item: _Item, prob: np.ndarray, threshold: float) -> tuple[int, float | None]:
+def _write(item: _Item, result: Segmentation) -> tuple[int, float | None]:
     frame = item.frame
-    if item.box is None:
-        mask = to_mask(upsample(prob, frame.height, frame.width), threshold)
-    else:
-        x0, y0, x1, y1 = item.box
-        mask = paste(
-            to_mask(upsample(prob, y1 - y0, x1 - x0), threshold), item.box, frame.height, frame.width
-        )
-    if "prob" in item.todo:
-        write_npy(item.outputs.prob, prob.astype(np.float32, copy=False))
+    mask = result.mask if item.box is None else paste(result.mask, item.box, frame.height, frame.width)
+    if "prob" in item.todo and result.prob is not None:
+        write_npy(item.outputs.prob, np.asarray(result.prob, dtype=np.float32))
     if "overlay" in item.todo:
         write_png(item.outputs.overlay, overlay(frame.pixels, mask))
     if "mask" in item.todo:
         write_png(item.outputs.mask, mask)
     return int(mask.sum()), area_mm2(mask, frame.regions)
-
-
-def _fail(report: InferReport, table: ResultsTable, source: Path, index: int | None, message: str) -> None:
-    log.error("%s", message)
-    report.failures.append(message)
-    table.add(
-        ResultRow(
-            source=str(source),
-            frame=index,
-            output="",
-            area_px=None,
-            area_mm2=None,
-            seconds=None,
-            status="failed",
-            message=message,
-        )
-    )
 
 
 def _one_line(err: BaseException) -> str:

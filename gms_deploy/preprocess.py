@@ -2,7 +2,8 @@
 
 The official path is PIL RGB -> float32 / 255 -> ``cv2.resize(..., INTER_LINEAR)`` (albumentations'
 ``Resize``) -> 2x - 1. The CPU path below calls the same OpenCV function on the same float32
-values, so it is bit-exact with the official code, not merely close.
+values, so it is bit-exact with the official code, not merely close. (On x86-64 OpenCV computes
+float32 INTER_LINEAR in Intel IPP; ``device_ops`` reproduces those numerics on the GPU bit for bit.)
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import cv2
 import pytest
 import torch
 from diffusers import AutoencoderKL
@@ -16,6 +17,12 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 PARITY = SHARED / "fixtures" / "official_parity"
 REFERENCE = SHARED / "reference"
+
+# The premise of device_ops' numerics: without IPP (switched off, or an ARM wheel) OpenCV's own loop
+# runs, whose float32 coordinates make the CPU path differ from the fused GPU path by up to ~1e-5.
+cv2_with_ipp = pytest.mark.skipif(
+    not cv2.ipp.useIPP(), reason="this OpenCV resizes without IPP, whose numerics device_ops reproduces"
+)
 
 TINY_VAE = {
     "block_out_channels": (8, 16),
@@ -59,6 +66,16 @@ def make_tiny_bundle(root: Path, image_size: int = 32, seed: int = 0) -> ModelBu
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> ModelBundle:
     return make_tiny_bundle(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_bundle: ModelBundle, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An FP32 export of ``tiny_bundle`` (unvalidated: the export tests validate)."""
+    from gms_deploy.onnx_export import export_model
+
+    out = tmp_path_factory.mktemp("tiny-onnx")
+    export_model(tiny_bundle, out, precisions=("fp32",), validate=False, overwrite=True)
+    return out
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from gms_deploy.backends.onnxruntime import OnnxRuntimeRunner
 from gms_deploy.bundle import ModelBundle
 from gms_deploy.cli import app
 from gms_deploy.io.images import read_image
-from gms_deploy.onnx_export import MANIFEST, export_model, sha256
+from gms_deploy.onnx_export import MANIFEST, sha256
 from gms_deploy.preprocess import preprocess
 from gms_deploy.validate import dice
 
@@ -29,13 +29,6 @@ cli = CliRunner()
 @pytest.fixture(scope="module")
 def parity_onnx(parity_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return exported("parity", tmp_path_factory, parity_dir).out_dir
-
-
-@pytest.fixture(scope="module")
-def tiny_onnx(tiny_bundle: ModelBundle, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("tiny-onnx")
-    export_model(tiny_bundle, out, precisions=("fp32",), validate=False, overwrite=True)
-    return out
 
 
 def test_infer_onnxruntime_masks_match_torch(parity_dir: Path, parity_onnx: Path, tmp_path: Path) -> None:

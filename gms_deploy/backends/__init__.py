@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gms_deploy.backends.base import BackendError, Runner
+from gms_deploy.backends.base import BackendError, DeviceRunner, Runner
 from gms_deploy.bundle import ModelBundle, demo_bundle
+from gms_deploy.model.checkpoints import CheckpointError
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+BACKENDS = ("auto", "torch", "torch-compiled", "onnxruntime", "tensorrt")
+AUTO_ORDER = ("tensorrt", "torch-compiled", "onnxruntime", "torch")
+GPU_ONLY = ("tensorrt", "torch-compiled")
+EXPORT_BACKENDS = ("onnxruntime", "tensorrt")
 
 
 def resolve_bundle(model: Path | None, vae: Path | None, mapper: Path | None) -> ModelBundle:
@@ -27,21 +31,79 @@ def open_runner(
     vae: Path | None = None,
     mapper: Path | None = None,
     device: str = "cpu",
+    precision: str | None = None,
 ) -> Runner:
-    """Build the runner a user asked for; imports each backend only when it is chosen."""
+    """Build the runner a user asked for; imports each backend only when it is chosen.
+
+    ``precision`` None is each backend's own default: FP32 for eager torch and for ONNX Runtime on a
+    CPU, FP16 for TensorRT and for the GPU paths. ``auto`` leaves the choice to ``open_auto``.
+    """
+    if backend == "auto":
+        return open_auto(model, vae, mapper, device)[0]
+    device = resolve_device(device)
     if backend == "torch":
         from gms_deploy.backends.torch_eager import TorchRunner
 
-        return TorchRunner(resolve_bundle(model, vae, mapper), device)
+        return TorchRunner(resolve_bundle(model, vae, mapper), device, precision)
+    if backend == "torch-compiled":
+        from gms_deploy.backends.torch_compiled import TorchCompiledRunner
+
+        return TorchCompiledRunner(resolve_bundle(model, vae, mapper), device, precision)
     if backend == "onnxruntime":
         from gms_deploy.backends.onnxruntime import OnnxRuntimeRunner
 
-        return OnnxRuntimeRunner(_export_dir(backend, model, vae, mapper), device)
+        return OnnxRuntimeRunner(_export_dir(backend, model, vae, mapper), device, precision)
     if backend == "tensorrt":
         from gms_deploy.backends.tensorrt import TensorRTRunner
 
-        return TensorRTRunner(_export_dir(backend, model, vae, mapper), device)
+        return TensorRTRunner(_export_dir(backend, model, vae, mapper), device, precision)
     raise BackendError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+
+
+def resolve_device(device: str) -> str:
+    """``auto``: the first CUDA GPU where PyTorch sees one, else the CPU."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def open_auto(
+    model: Path | None = None,
+    vae: Path | None = None,
+    mapper: Path | None = None,
+    device: str = "auto",
+) -> tuple[Runner, str]:
+    """The fastest backend that opens here, and one line saying which and why the faster ones did not.
+
+    Tried in ``AUTO_ORDER``; the export-folder backends only for an export folder, the PyTorch ones
+    only for weights, the GPU-only ones only on a GPU. ONNX Runtime falls back to its CPU provider
+    where it has no CUDA one. A candidate that fails to open is passed over with its own reason.
+    """
+    from gms_deploy.onnx_export import MANIFEST
+
+    chosen = resolve_device(device)
+    exported = model is not None and (model / MANIFEST).is_file()
+    passed: list[str] = []
+    for backend in AUTO_ORDER:
+        if backend in GPU_ONLY and not chosen.startswith("cuda"):
+            passed.append(f"{backend}: needs a CUDA GPU")
+            continue
+        if (backend in EXPORT_BACKENDS) != exported:
+            passed.append(
+                f"{backend}: runs {'an export folder' if backend in EXPORT_BACKENDS else 'weights'}"
+            )
+            continue
+        for where in dict.fromkeys((chosen, "cpu") if backend == "onnxruntime" else (chosen,)):
+            try:
+                runner = open_runner(backend, model, vae, mapper, where)
+            except (BackendError, CheckpointError, ImportError) as err:
+                passed.append(f"{backend} on {where}: {err}")
+                continue
+            why = f"; passed over {'; '.join(passed)}" if passed else ""
+            return runner, f"auto chose {backend} on {where}{why}"
+    raise BackendError(f"no backend can run this model here: {'; '.join(passed)}")
 
 
 def _export_dir(backend: str, model: Path | None, vae: Path | None, mapper: Path | None) -> Path:
@@ -54,4 +116,13 @@ def _export_dir(backend: str, model: Path | None, vae: Path | None, mapper: Path
     return model
 
 
-__all__ = ["BACKENDS", "BackendError", "Runner", "open_runner", "resolve_bundle"]
+__all__ = [
+    "BACKENDS",
+    "BackendError",
+    "DeviceRunner",
+    "Runner",
+    "open_auto",
+    "open_runner",
+    "resolve_bundle",
+    "resolve_device",
+]

@@ -150,15 +150,15 @@ def open_session(
 class OnnxRuntimeRunner(Runner):
     name = "onnxruntime"
 
-    def __init__(self, export_dir: Path, device: str = "cpu", precision: str = "auto") -> None:
-        """``precision`` ``auto`` is FP32 on the CPU (FP16 only adds casts there) and FP16 on CUDA."""
+    def __init__(self, export_dir: Path, device: str = "cpu", precision: str | None = None) -> None:
+        """``precision`` None is FP32 on the CPU (FP16 only adds casts there) and FP16 on CUDA."""
         import onnxruntime as ort
 
         self.export_dir = Path(export_dir)
         manifest = read_manifest(self.export_dir)
         self.settings = manifest["settings"]
         self.model_name = str(manifest.get("model", self.export_dir.name))
-        if precision == "auto":
+        if precision is None:
             precision = "fp16" if device.startswith("cuda") else "fp32"
             available = {e.get("precision") for e in manifest.get("graphs", []) if e.get("graph") == "gms"}
             if precision not in available and available:

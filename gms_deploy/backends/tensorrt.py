@@ -11,21 +11,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
+import torch
 
-from gms_deploy.backends.base import BackendError, Runner
+from gms_deploy.backends.base import BackendError, DeviceRunner
 from gms_deploy.backends.onnxruntime import read_manifest
 
 GRAPH = "gms"
 
 
-class TensorRTRunner(Runner):
+class TensorRTRunner(DeviceRunner):
     name = "tensorrt"
 
-    def __init__(self, export_dir: Path, device: str = "cuda", precision: str = "fp16") -> None:
-        """``device`` ``cpu`` (the CLI's default) means the first GPU: an engine runs nowhere else."""
-        import torch
-
+    def __init__(self, export_dir: Path, device: str = "cuda", precision: str | None = None) -> None:
+        """``device`` ``cpu`` means the first GPU: an engine runs nowhere else."""
+        precision = precision or "fp16"
+        if precision != "fp16":
+            raise BackendError(f"--backend tensorrt builds FP16 engines only, not {precision}")
         from gms_deploy.engines import check_engine, current_gpu
         from gms_deploy.trt import TrtUnavailable, find_flavour
 
@@ -59,21 +60,18 @@ class TensorRTRunner(Runner):
     def description(self) -> str:
         return f"{self.label} ({self.model_name}, {self.export_dir})"
 
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        import torch
-
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
         size = self.settings.image_size
-        if images.ndim != 4 or images.shape[1:] != (3, size, size):
+        if images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size):
             raise BackendError(
-                f"{self.export_dir}: expects B x 3 x {size} x {size} images, got {images.shape}"
+                f"{self.export_dir}: expects B x 3 x {size} x {size} images, got {tuple(images.shape)}"
             )
         low, high = self.engine.profile_batches()
         pieces = []
         # Batches beyond the engine's profile run in slices rather than failing.
-        for start in range(0, len(images), high):
-            chunk = torch.from_numpy(np.ascontiguousarray(images[start : start + high], dtype=np.float32))
+        for chunk in images.split(high):
             if len(chunk) < low:
                 raise BackendError(f"{self.export_dir}: the engine needs batches of at least {low}")
-            (prob,) = self.engine({self.engine.inputs[0]: chunk.to(self.device)}).values()
-            pieces.append(prob[:, 0].float().cpu().numpy())
-        return np.concatenate(pieces)
+            (prob,) = self.engine({self.engine.inputs[0]: chunk.float()}).values()
+            pieces.append(prob[:, 0].float().clone())  # the engine reuses its output buffer
+        return torch.cat(pieces)

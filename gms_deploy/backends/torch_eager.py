@@ -2,29 +2,83 @@
 
 from __future__ import annotations
 
-import numpy as np
+from collections.abc import Callable
+
 import torch
 
-from gms_deploy.backends.base import BackendError, Runner
+from gms_deploy.backends.base import BackendError, DeviceRunner
 from gms_deploy.bundle import ModelBundle
 
+Stage = Callable[[torch.Tensor], torch.Tensor]
 
-class TorchRunner(Runner):
+
+def torch_device(device: str) -> torch.device:
+    """``cpu`` or ``cuda[:N]``, refused in one line where PyTorch cannot use it."""
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise BackendError(f"--device {device}: expected cpu or cuda[:N]") from None
+    if chosen.type not in ("cpu", "cuda"):
+        raise BackendError(f"--device {device}: expected cpu or cuda[:N]")
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise BackendError(f"--device {device}: PyTorch sees no CUDA GPU here")
+    return chosen
+
+
+class TorchRunner(DeviceRunner):
+    """FP32, or FP16 autocast on a GPU: the eager baseline a compiler or TensorRT has to beat."""
+
     name = "torch"
+    kind = "eager"
 
-    def __init__(self, bundle: ModelBundle, device: str = "cpu") -> None:
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise BackendError(f"--device {device}: PyTorch sees no CUDA GPU here")
+    def __init__(self, bundle: ModelBundle, device: str = "cpu", precision: str | None = None) -> None:
+        self.device = torch_device(device)
+        self.precision = precision or self.default_precision()
+        if self.precision not in ("fp32", "fp16"):
+            raise BackendError(f"precision {self.precision!r}: choose from fp32, fp16")
+        if self.precision == "fp16" and self.device.type != "cuda":
+            raise BackendError(f"{self.name} FP16 needs a CUDA GPU; on a CPU it runs FP32")
         self.settings = bundle.settings
-        self.device = torch.device(device)
-        self.model = bundle.build().to(self.device)
         self.bundle = bundle
+        self.model = self._place(bundle.build())
+        self._forward = self._wrap(self.model)
+        self._stages: dict[str, Stage] = {}
+
+    def default_precision(self) -> str:
+        return "fp32"
+
+    def _place(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(self.device)
+
+    def _wrap(self, fn: Stage) -> Stage:
+        """``fn`` under inference mode and, in FP16, autocast; FP32 out either way."""
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            with (
+                torch.inference_mode(),
+                torch.autocast(self.device.type, torch.float16, enabled=self.precision == "fp16"),
+            ):
+                return fn(x).float()
+
+        return run
 
     @property
     def description(self) -> str:
-        return f"torch {torch.__version__} eager FP32 on {self.device} ({self.bundle.name})"
+        return (
+            f"torch {torch.__version__} {self.kind} {self.precision.upper()} on {self.device} "
+            f"({self.bundle.name})"
+        )
 
-    @torch.inference_mode()
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        prob = self.model(torch.from_numpy(images).to(self.device))
-        return prob[:, 0].float().cpu().numpy()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self._forward(images)[:, 0]
+
+    def stages(self) -> dict[str, Stage]:
+        """Wrapped once, on first use: a benchmark asks for them, inference never does."""
+        if not self._stages:
+            decode = self._wrap(self.model.decode)
+            self._stages = {
+                "encoder": self._wrap(self.model.encode),
+                "mapper": self._wrap(self.model.map),
+                "decoder": lambda latent: decode(latent)[:, 0],
+            }
+        return self._stages

@@ -1,0 +1,192 @@
+"""Frames in, masks out: the two ways a batch goes through a runner.
+
+``HostSegmenter`` is the reference path: OpenCV preprocessing and postprocessing on the CPU around
+any runner, numpy in and out. ``FusedSegmenter`` keeps everything between the uint8 frame and the
+uint8 mask on the runner's device: frames go up through one pinned staging buffer, are converted,
+resized and normalised there with OpenCV's numerics (``device_ops``), run through the network,
+resized back to each frame's size and thresholded, and only the masks come down. Both give the
+same masks; the fused one is what makes a GPU worth having, since a 224 x 224 batch spends longer
+in host preprocessing and copies than in TensorRT.
+
+Both split a batch that does not fit in GPU memory and keep to the size that fitted.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from gms_deploy.backends.base import DeviceRunner, Runner
+from gms_deploy.device_ops import masks_from_probs, preprocess_frame, upsample_probs
+from gms_deploy.postprocess import to_mask, upsample
+from gms_deploy.preprocess import preprocess
+
+log = logging.getLogger(__name__)
+
+ALIGN = 16
+TORCH_DTYPES = {np.dtype(np.uint8): torch.uint8, np.dtype(np.float32): torch.float32}
+
+
+@dataclass
+class Segmentation:
+    mask: np.ndarray
+    """H x W bool at the frame's size."""
+    prob: np.ndarray | None
+    """S x S float32 at the network's size, where asked for."""
+
+
+class Segmenter(ABC):
+    """Three phases a benchmark can time apart: network inputs, the network, masks.
+
+    ``prepare`` runs on the reader thread, one frame at a time; the rest on a batch of prepared frames.
+    """
+
+    runner: Runner
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+        self.max_batch: int | None = None
+
+    @abstractmethod
+    def prepare(self, pixels: np.ndarray) -> Any:
+        """H x W x 3 uint8 RGB -> what ``network_inputs`` takes for this frame."""
+
+    @abstractmethod
+    def network_inputs(self, batch: Sequence[Any]) -> Any:
+        """Prepared frames -> the runner's B x 3 x S x S input."""
+
+    @abstractmethod
+    def network(self, inputs: Any) -> Any:
+        """The runner's input -> B x S x S probabilities, where the runner keeps them."""
+
+    @abstractmethod
+    def masks(
+        self, probs: Any, batch: Sequence[Any], threshold: float, keep_prob: bool
+    ) -> list[Segmentation]:
+        """Probabilities -> each frame's mask on the host, in order."""
+
+    def segment(self, batch: Sequence[Any], threshold: float, keep_prob: bool = False) -> list[Segmentation]:
+        """One batch that fits."""
+        with torch.inference_mode():
+            return self.masks(self.network(self.network_inputs(batch)), batch, threshold, keep_prob)
+
+    def __call__(self, batch: Sequence[Any], threshold: float, keep_prob: bool = False) -> list[Segmentation]:
+        """Segment ``batch`` in order, halving it as often as GPU memory requires."""
+        step = min(len(batch), self.max_batch or len(batch))
+        done: list[Segmentation] = []
+        while len(done) < len(batch):
+            chunk = batch[len(done) : len(done) + step]
+            try:
+                done += self.segment(chunk, threshold, keep_prob)
+            except torch.cuda.OutOfMemoryError:
+                if step == 1:
+                    raise
+                torch.cuda.empty_cache()
+                failed, step = step, step // 2
+                self.max_batch = step
+                log.warning("GPU out of memory at batch size %d: going on with batches of %d", failed, step)
+        return done
+
+
+class HostSegmenter(Segmenter):
+    """OpenCV on the CPU around any runner: the official numerics, by construction."""
+
+    def prepare(self, pixels: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+        return preprocess(pixels, self.runner.settings.image_size), pixels.shape[:2]
+
+    def network_inputs(self, batch: Sequence[tuple[np.ndarray, tuple[int, int]]]) -> np.ndarray:
+        return np.stack([image for image, _ in batch])
+
+    def network(self, inputs: np.ndarray) -> np.ndarray:
+        return self.runner(inputs)
+
+    def masks(
+        self,
+        probs: np.ndarray,
+        batch: Sequence[tuple[np.ndarray, tuple[int, int]]],
+        threshold: float,
+        keep_prob: bool,
+    ) -> list[Segmentation]:
+        return [
+            Segmentation(to_mask(upsample(prob, *shape), threshold), prob if keep_prob else None)
+            for prob, (_, shape) in zip(probs, batch, strict=True)
+        ]
+
+
+class FusedSegmenter(Segmenter):
+    """Everything from uint8 frame to uint8 mask on the runner's device."""
+
+    runner: DeviceRunner
+
+    def __init__(self, runner: DeviceRunner) -> None:
+        super().__init__(runner)
+        self.device = runner.device
+        self._staging: dict[str, torch.Tensor] = {}
+
+    def prepare(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8, or float32 in [0, 1] for deeper sources: sent to the device as they are."""
+        return np.ascontiguousarray(pixels)
+
+    def _host_buffer(self, role: str, size: int) -> torch.Tensor:
+        """A reusable (pinned, on a GPU) byte buffer, so copies are asynchronous and allocation-free."""
+        buffer = self._staging.get(role)
+        if buffer is None or buffer.numel() < size:
+            buffer = torch.empty(max(size, 1 << 20), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+            self._staging[role] = buffer
+        return buffer[:size]
+
+    def network_inputs(self, batch: Sequence[np.ndarray]) -> torch.Tensor:
+        """One copy up for the whole batch; each frame's bytes start 16-aligned so float32 views work."""
+        starts = np.cumsum([0] + [-(-frame.nbytes // ALIGN) * ALIGN for frame in batch])
+        staging = self._host_buffer("frames", int(starts[-1]))
+        host = staging.numpy()
+        for frame, start in zip(batch, starts, strict=False):
+            host[start : start + frame.nbytes] = frame.reshape(-1).view(np.uint8)
+        on_device = staging.to(self.device, non_blocking=True)
+        size = self.runner.settings.image_size
+        return torch.stack(
+            [
+                preprocess_frame(
+                    on_device[start : start + frame.nbytes].view(TORCH_DTYPES[frame.dtype]).view(frame.shape),
+                    size,
+                )
+                for frame, start in zip(batch, starts, strict=False)
+            ]
+        )
+
+    def network(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.runner.forward(inputs).float()
+
+    def masks(
+        self, probs: torch.Tensor, batch: Sequence[np.ndarray], threshold: float, keep_prob: bool
+    ) -> list[Segmentation]:
+        masks = [
+            masks_from_probs(upsample_probs(prob, *frame.shape[:2]), threshold).to(torch.uint8).reshape(-1)
+            for prob, frame in zip(probs, batch, strict=True)
+        ]
+        flat = torch.cat(masks)
+        staging = self._host_buffer("masks", flat.numel())
+        staging.copy_(flat, non_blocking=True)
+        kept = probs.cpu().numpy() if keep_prob else [None] * len(batch)  # synchronises, as does the next
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        pieces = staging.split([mask.numel() for mask in masks])
+        return [
+            Segmentation(piece.numpy().reshape(frame.shape[:2]).astype(bool), prob)
+            for piece, frame, prob in zip(pieces, batch, kept, strict=True)
+        ]
+
+
+def segmenter_for(runner: Runner, fused: bool | None = None) -> Segmenter:
+    """The fused path for device runners on a GPU (or where asked, as tests do on a CPU), else the host."""
+    if fused is None:
+        fused = isinstance(runner, DeviceRunner) and runner.device.type == "cuda"
+    if fused and not isinstance(runner, DeviceRunner):
+        raise ValueError(f"{runner.name} computes on numpy arrays; the fused pipeline needs a torch runner")
+    return FusedSegmenter(runner) if fused else HostSegmenter(runner)

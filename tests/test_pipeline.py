@@ -1,0 +1,247 @@
+"""The pipeline around the network: threads and queues, the fused path, fallbacks and backend choice.
+
+Everything here runs on the CPU: the fused segmenter runs its torch ops on the CPU device (the same
+code a GPU runs), and GPU faults are injected by runners that raise what CUDA would raise.
+"""
+
+from __future__ import annotations
+
+import csv
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import cv2_with_ipp
+from PIL import Image
+
+from gms_deploy.backends import BackendError, open_auto, open_runner
+from gms_deploy.backends.torch_eager import TorchRunner
+from gms_deploy.bundle import ModelBundle
+from gms_deploy.infer import InferOptions, run_inference
+from gms_deploy.io.images import read_image
+from gms_deploy.segment import FusedSegmenter, HostSegmenter, Segmenter, segmenter_for
+from gms_deploy.stream import Prefetch, Writer
+
+SAMPLES = Path(__file__).resolve().parents[1] / "gms_deploy" / "data" / "samples" / "images"
+
+
+def _frames() -> list[np.ndarray]:
+    """Real sample images, odd shapes, and a float32 frame as a 16-bit source gives."""
+    rng = np.random.default_rng(0)
+    frames = [read_image(path) for path in sorted(SAMPLES.iterdir())[:3]]
+    frames.append(rng.integers(0, 256, (33, 21, 3), dtype=np.uint8))
+    frames.append(rng.integers(0, 256, (5, 300, 3), dtype=np.uint8))
+    frames.append(rng.random((47, 64, 3), dtype=np.float32))
+    return frames
+
+
+def _segment(segmenter: Segmenter, frames: list[np.ndarray], threshold: float) -> list:
+    return segmenter([segmenter.prepare(f) for f in frames], threshold, keep_prob=True)
+
+
+# Threads and queues
+
+
+def test_prefetch_keeps_order_and_reads_only_a_few_items_ahead() -> None:
+    produced: list[int] = []
+
+    def source() -> Iterator[int]:
+        for i in range(40):
+            produced.append(i)
+            yield i
+
+    with Prefetch(source(), depth=3) as reader:
+        items = iter(reader)
+        first = next(items)
+        time.sleep(0.3)
+        assert len(produced) <= 1 + 3 + 1, "a long cine loop must not be read ahead whole"
+        rest = list(items)
+    assert [first, *rest] == list(range(40))
+
+
+def test_prefetch_hands_the_sources_error_to_the_consumer() -> None:
+    def source() -> Iterator[int]:
+        yield from range(3)
+        raise ValueError("disk gone")
+
+    with Prefetch(source(), depth=8) as reader:
+        seen = []
+        with pytest.raises(ValueError, match="disk gone"):
+            for item in reader:
+                seen.append(item)
+    assert seen == [0, 1, 2]
+
+
+def test_prefetch_close_stops_an_endless_source() -> None:
+    def endless() -> Iterator[int]:
+        i = 0
+        while True:
+            yield i
+            i += 1
+
+    reader = Prefetch(endless(), depth=2)
+    assert next(iter(reader)) == 0
+    reader.close()
+    assert not any(t.name == "gms-read" and t.is_alive() for t in threading.enumerate())
+
+
+def test_writer_runs_jobs_in_order_and_finishes_them_on_exit() -> None:
+    done: list[int] = []
+    with Writer(depth=2) as writer:
+        for i in range(20):
+            writer.submit(lambda i=i: (time.sleep(0.001), done.append(i)))
+    assert done == list(range(20))
+
+
+def test_writer_raises_a_failed_jobs_error_and_runs_nothing_after_it() -> None:
+    done: list[str] = []
+
+    def broken() -> None:
+        raise RuntimeError("bug in a job")
+
+    writer = Writer(depth=4)
+    writer.submit(broken)
+    writer.submit(lambda: done.append("after"))
+    with pytest.raises(RuntimeError, match="bug in a job"):
+        writer.close()
+    assert done == []
+
+
+# The fused path against the host path
+
+
+@cv2_with_ipp
+def test_fused_segmenter_on_the_cpu_gives_the_host_paths_masks(
+    tiny_bundle: ModelBundle, one_thread: None
+) -> None:
+    runner = TorchRunner(tiny_bundle)
+    host, fused = segmenter_for(runner), segmenter_for(runner, fused=True)
+    assert isinstance(host, HostSegmenter) and isinstance(fused, FusedSegmenter)
+    frames = _frames()
+    reference = _segment(host, frames, 0.5)
+    # A threshold inside the tiny model's range, so that masks are neither empty nor full.
+    threshold = float(np.median(np.concatenate([r.prob.ravel() for r in reference])))
+    reference = _segment(host, frames, threshold)
+    results = _segment(fused, frames, threshold)
+    for frame, ref, got in zip(frames, reference, results, strict=True):
+        assert got.mask.shape == frame.shape[:2] and got.mask.dtype == bool
+        assert 0 < ref.mask.mean() < 1
+        assert np.abs(got.prob - ref.prob).max() <= 1e-6
+        assert np.array_equal(got.mask, ref.mask)
+
+
+def test_host_runners_cannot_take_the_fused_path(tiny_onnx: Path) -> None:
+    with pytest.raises(ValueError, match="fused pipeline needs a torch runner"):
+        segmenter_for(open_runner("onnxruntime", tiny_onnx), fused=True)
+
+
+class _SmallGpu(TorchRunner):
+    """Fault injection: a device with room for two frames at a time."""
+
+    def __init__(self, bundle: ModelBundle) -> None:
+        super().__init__(bundle)
+        self.batches: list[int] = []
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.batches.append(len(images))
+        if len(images) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
+        return super().forward(images)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_out_of_memory_halves_the_batch_and_remembers(
+    fused: bool, tiny_bundle: ModelBundle, one_thread: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    runner = _SmallGpu(tiny_bundle)
+    segmenter = segmenter_for(runner, fused=fused)
+    frames = _frames()
+    results = _segment(segmenter, frames, 0.5)
+    expected = _segment(segmenter_for(TorchRunner(tiny_bundle), fused=fused), frames, 0.5)
+    # Batches of one and of six may round differently on the CPU; the probabilities must agree.
+    assert all(np.abs(a.prob - b.prob).max() <= 1e-4 for a, b in zip(results, expected, strict=True))
+    assert runner.batches[:3] == [6, 3, 1] and segmenter.max_batch == 1
+    assert "out of memory at batch size 6" in caplog.text
+    runner.batches.clear()
+    _segment(segmenter, frames[:2], 0.5)
+    assert runner.batches == [1, 1], "the size that fitted is kept for later batches"
+
+
+# The driver
+
+
+def _rows(out: Path) -> list[dict[str, str]]:
+    with (out / "results.csv").open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture()
+def folder(tmp_path: Path) -> Path:
+    root = tmp_path / "in"
+    root.mkdir()
+    for i, frame in enumerate(_frames()[:5]):
+        Image.fromarray(frame).save(root / f"{i:02d}.png")
+    (root / "03b_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    return root
+
+
+@cv2_with_ipp
+def test_fused_and_host_runs_write_the_same_masks_in_input_order(
+    folder: Path, tiny_bundle: ModelBundle, tmp_path: Path, one_thread: None
+) -> None:
+    runner = TorchRunner(tiny_bundle)
+    outs = {}
+    for fused in (False, True):
+        out = tmp_path / f"out-{fused}"
+        options = InferOptions(out, batch_size=2, threshold=0.5, save_prob=True)
+        report = run_inference([folder], runner, options, segmenter=segmenter_for(runner, fused=fused))
+        assert report.frames == 5 and len(report.failures) == 1
+        outs[fused] = out
+    host_rows, fused_rows = _rows(outs[False]), _rows(outs[True])
+    assert [r["source"] for r in fused_rows] == [r["source"] for r in host_rows]
+    assert [Path(r["source"]).name for r in fused_rows if r["status"] == "ok"] == [
+        f"{i:02d}.png" for i in range(5)
+    ]
+    for mask in sorted(outs[False].glob("*_mask.png")):
+        assert np.array_equal(np.asarray(Image.open(mask)), np.asarray(Image.open(outs[True] / mask.name))), (
+            mask.name
+        )
+
+
+def test_torch_compiled_on_the_cpu_matches_eager(tiny_bundle: ModelBundle, tmp_path: Path) -> None:
+    """One batch size only: each new one compiles afresh (about a minute on two cores)."""
+    compiled = open_runner("torch-compiled", tiny_bundle.vae.parent, device="cpu")
+    assert compiled.precision == "fp32" and "compiled" in compiled.description
+    images = np.random.default_rng(1).uniform(-1, 1, (3, 3, 32, 32)).astype(np.float32)
+    eager = TorchRunner(tiny_bundle)(images)
+    assert np.abs(compiled(images) - eager).max() <= 1e-4
+    with pytest.raises(BackendError, match="FP16 needs a CUDA GPU"):
+        open_runner("torch-compiled", tiny_bundle.vae.parent, device="cpu", precision="fp16")
+
+
+# Choosing a backend
+
+
+def test_auto_takes_eager_torch_for_weights_without_a_gpu(tiny_bundle: ModelBundle) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU auto takes a GPU backend")
+    runner, why = open_auto(tiny_bundle.vae.parent)
+    assert runner.name == "torch" and str(runner.device) == "cpu"
+    assert why.startswith("auto chose torch on cpu")
+    assert "tensorrt: needs a CUDA GPU" in why and "torch-compiled: needs a CUDA GPU" in why
+    assert "onnxruntime: runs an export folder" in why
+
+
+def test_auto_takes_onnxruntime_for_an_export(tiny_onnx: Path) -> None:
+    runner, why = open_auto(tiny_onnx)
+    assert runner.name == "onnxruntime" and "auto chose onnxruntime" in why
+    assert "torch-compiled: needs a CUDA GPU" in why
+
+
+def test_auto_says_why_nothing_runs(tmp_path: Path) -> None:
+    with pytest.raises(BackendError, match=r"torch on cpu: .*not a model bundle"):
+        open_auto(tmp_path, device="cpu")
