@@ -114,3 +114,32 @@ class ModelBundle:
 def demo_bundle() -> ModelBundle:
     """The model shipped inside the package, used when no model is given."""
     return ModelBundle.load(Path(str(resources.files("gms_deploy") / "data" / DEMO)))
+
+
+# Stable Diffusion's VAE, the architecture every released GMS model uses (83.65 M parameters).
+SD_VAE = {
+    "block_out_channels": (128, 256, 512, 512),
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+}
+
+
+def random_full_size_bundle(out_dir: Path, seed: int = 0) -> ModelBundle:
+    """The released architecture with random weights: the real model's cost, for benchmarks.
+
+    Speed does not depend on the weights, and machines that benchmark (a lent GPU, CI) have none.
+    """
+    import torch
+    from diffusers import AutoencoderKL
+
+    from gms_deploy.model.mapper import LatentMapper, MapperConfig
+
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        AutoencoderKL(**SD_VAE).save_pretrained(Path(tmp) / "vae")
+        torch.save({"model": LatentMapper(MapperConfig()).state_dict()}, Path(tmp) / "mapper.pth")
+        made = ModelBundle(Path(tmp) / "vae", Path(tmp) / "mapper.pth", Settings(), "random-full-size")
+        return made.save(out_dir)

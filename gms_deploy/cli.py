@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from tqdm import tqdm
 
-from gms_deploy.backends import BACKENDS, BackendError, open_runner, resolve_bundle
+from gms_deploy.backends import BACKENDS, BackendError, open_auto, open_runner, resolve_bundle
 from gms_deploy.bundle import ModelBundle
 from gms_deploy.infer import InferOptions, Roi, run_inference
 from gms_deploy.model.checkpoints import CheckpointError
@@ -49,8 +49,13 @@ def infer(
     model: ModelOpt = None,
     vae: VaeOpt = None,
     mapper: MapperOpt = None,
-    backend: Annotated[str, typer.Option(help=f"One of: {', '.join(BACKENDS)}.")] = "torch",
-    device: Annotated[str, typer.Option(help="cpu or cuda[:N].")] = "cpu",
+    backend: Annotated[
+        str, typer.Option(help=f"One of: {', '.join(BACKENDS)} (auto: the fastest that runs here).")
+    ] = "auto",
+    device: Annotated[str, typer.Option(help="auto (a GPU if there is one), cpu or cuda[:N].")] = "auto",
+    precision: Annotated[
+        str | None, typer.Option(help="fp32 or fp16; default: the backend's own (fp16 on GPUs).")
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 4,
     threshold: Annotated[
         float | None, typer.Option(min=0.0, max=1.0, help="Default: the model's (0.5).")
@@ -62,7 +67,11 @@ def infer(
 ) -> None:
     """Segment every image and DICOM frame under INPUTS into masks under --out."""
     try:
-        runner = open_runner(backend, model, vae, mapper, device)
+        if backend == "auto":
+            runner, why = open_auto(model, vae, mapper, device, precision)
+            typer.echo(why, err=True)
+        else:
+            runner = open_runner(backend, model, vae, mapper, device, precision)
     except (BackendError, CheckpointError) as err:
         raise _fail(str(err)) from None
     typer.echo(f"model: {runner.description}", err=True)
@@ -277,6 +286,73 @@ def evaluate(
     for metric, (mean, std) in summarise(scores).items():
         typer.echo(f"{metric:>9}  {mean:.4f} +- {std:.4f}")
     typer.echo(f"per-image scores: {target}", err=True)
+
+
+@app.command()
+def bench(
+    model: ModelOpt = None,
+    export: Annotated[
+        Path | None, typer.Option("--export", help="A `gms-deploy export` folder (ONNX Runtime, TensorRT).")
+    ] = None,
+    backend: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Only these (repeat), beside eager FP32: torch, torch-compiled, onnxruntime, tensorrt."
+        ),
+    ] = None,
+    batch_size: Annotated[
+        list[int] | None, typer.Option("--batch-size", min=1, help="Repeat; default 1 4 (CPU), 1 8 32 (GPU).")
+    ] = None,
+    image_size: Annotated[
+        list[int] | None, typer.Option("--image-size", help="Repeat; default: the model's.")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    warmup: Annotated[int | None, typer.Option(min=0, help="Untimed batches first (default 3).")] = None,
+    iterations: Annotated[
+        int | None, typer.Option(min=1, help="Timed batches (default 5 on a CPU, 20 on a GPU).")
+    ] = None,
+    frames: Annotated[
+        Path | None, typer.Option("--frames", help="Images or DICOM to batch (default: the samples).")
+    ] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write records + environment here.")] = None,
+    plot_out: Annotated[
+        Path | None, typer.Option("--plot", help="Latency and throughput plot (PNG).")
+    ] = None,
+) -> None:
+    """Time every backend that runs here against eager FP32: latency, throughput, stages, accuracy."""
+    from gms_deploy.bench import BenchConfig, run_bench
+    from gms_deploy.bench_report import environment, format_table, plot, write_json
+
+    config = BenchConfig(
+        model=model,
+        export=export,
+        backends=tuple(backend or ()),
+        batch_sizes=tuple(batch_size) if batch_size else None,
+        image_sizes=tuple(image_size) if image_size else None,
+        device=device,
+        warmup=warmup,
+        iterations=iterations,
+        frames=frames,
+    )
+    with tqdm(desc="benchmarking", unit="run", leave=False, disable=None) as bar:
+
+        def progress(done: int, total: int, running: str) -> None:
+            bar.total = total
+            bar.set_postfix_str(running)
+            bar.update(done - bar.n)
+
+        try:
+            records = run_bench(config, progress)
+        except (BackendError, CheckpointError, ValueError) as err:
+            raise _fail(str(err)) from None
+    typer.echo(format_table(records))
+    try:
+        if json_out is not None:
+            write_json(json_out, records, environment())
+        if plot_out is not None:
+            plot(plot_out, records)
+    except (ModuleNotFoundError, OSError) as err:
+        raise _fail(str(err)) from None
 
 
 def main() -> None:

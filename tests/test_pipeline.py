@@ -20,9 +20,10 @@ from PIL import Image
 
 from gms_deploy.backends import BackendError, open_auto, open_runner
 from gms_deploy.backends.torch_eager import TorchRunner
-from gms_deploy.bundle import ModelBundle
+from gms_deploy.bundle import ModelBundle, demo_bundle
 from gms_deploy.infer import InferOptions, run_inference
 from gms_deploy.io.images import read_image
+from gms_deploy.metrics import dice
 from gms_deploy.segment import FusedSegmenter, HostSegmenter, Segmenter, segmenter_for
 from gms_deploy.stream import Prefetch, Writer
 
@@ -245,3 +246,42 @@ def test_auto_takes_onnxruntime_for_an_export(tiny_onnx: Path) -> None:
 def test_auto_says_why_nothing_runs(tmp_path: Path) -> None:
     with pytest.raises(BackendError, match=r"torch on cpu: .*not a model bundle"):
         open_auto(tmp_path, device="cpu")
+
+
+# On a GPU (skipped elsewhere)
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_gpu
+def test_fused_pipeline_on_the_gpu_gives_the_cpu_masks(one_thread: None) -> None:
+    """The demo model's own frames: FP32 on the GPU (TF32 off) against the CPU's host path."""
+    bundle = demo_bundle()
+    frames = _frames()
+    cpu = _segment(segmenter_for(TorchRunner(bundle)), frames, 0.5)
+    gpu_segmenter = segmenter_for(TorchRunner(bundle, "cuda"))
+    assert isinstance(gpu_segmenter, FusedSegmenter)
+    gpu = _segment(gpu_segmenter, frames, 0.5)
+    for a, b in zip(cpu, gpu, strict=True):
+        assert np.abs(a.prob - b.prob).max() <= 1e-4
+        assert np.mean(a.mask != b.mask) <= 1e-3
+
+
+@needs_gpu
+def test_torch_compiled_fp16_on_the_gpu_agrees_with_eager_fp32() -> None:
+    bundle = demo_bundle()
+    frames = _frames()
+    reference = _segment(segmenter_for(TorchRunner(bundle, "cuda")), frames, 0.5)
+    compiled = open_runner("torch-compiled", bundle.vae.parent, device="cuda")
+    assert compiled.precision == "fp16" and compiled.mode == "reduce-overhead"
+    results = _segment(segmenter_for(compiled), frames, 0.5)
+    again = _segment(segmenter_for(compiled), frames, 0.5)  # a CUDA graph replay, not a capture
+    for a, b, c in zip(reference, results, again, strict=True):
+        assert dice(a.mask, b.mask, empty=1.0) >= 0.99
+        assert np.array_equal(b.mask, c.mask)
+
+
+@needs_gpu
+def test_auto_on_a_gpu_takes_torch_compiled_for_weights(tiny_bundle: ModelBundle) -> None:
+    runner, why = open_auto(tiny_bundle.vae.parent)
+    assert runner.name == "torch-compiled" and why.startswith("auto chose torch-compiled on cuda")

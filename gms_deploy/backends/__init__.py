@@ -39,7 +39,7 @@ def open_runner(
     CPU, FP16 for TensorRT and for the GPU paths. ``auto`` leaves the choice to ``open_auto``.
     """
     if backend == "auto":
-        return open_auto(model, vae, mapper, device)[0]
+        return open_auto(model, vae, mapper, device, precision)[0]
     device = resolve_device(device)
     if backend == "torch":
         from gms_deploy.backends.torch_eager import TorchRunner
@@ -74,6 +74,7 @@ def open_auto(
     vae: Path | None = None,
     mapper: Path | None = None,
     device: str = "auto",
+    precision: str | None = None,
 ) -> tuple[Runner, str]:
     """The fastest backend that opens here, and one line saying which and why the faster ones did not.
 
@@ -97,7 +98,7 @@ def open_auto(
             continue
         for where in dict.fromkeys((chosen, "cpu") if backend == "onnxruntime" else (chosen,)):
             try:
-                runner = open_runner(backend, model, vae, mapper, where)
+                runner = open_runner(backend, model, vae, mapper, where, precision)
             except (BackendError, CheckpointError, ImportError) as err:
                 passed.append(f"{backend} on {where}: {err}")
                 continue

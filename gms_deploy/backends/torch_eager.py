@@ -38,6 +38,10 @@ class TorchRunner(DeviceRunner):
             raise BackendError(f"precision {self.precision!r}: choose from fp32, fp16")
         if self.precision == "fp16" and self.device.type != "cuda":
             raise BackendError(f"{self.name} FP16 needs a CUDA GPU; on a CPU it runs FP32")
+        if self.device.type == "cuda" and self.precision == "fp32":
+            # FP32 means FP32: PyTorch lets cuDNN convolve in TF32 by default (about 1e-3 off).
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
         self.settings = bundle.settings
         self.bundle = bundle
         self.model = self._place(bundle.build())

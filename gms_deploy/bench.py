@@ -1,0 +1,413 @@
+"""Every backend on one machine, on the same frames: latency, throughput, memory, stages and accuracy.
+
+A *variant* is a backend at one precision on one device (or ONNX Runtime provider). Eager PyTorch
+FP32 is the baseline: it always runs first, at every image and batch size, because every other
+variant's speed-up and accuracy are measured against it on the very same batch. A batch is timed
+end to end as a user's frames go through it (``prepare`` per frame, then ``segment``); on a GPU
+with CUDA events after a synchronise, so the figure is what the GPU did, not when Python asked. A
+second pass times the phases apart (pre, network, post, and encoder, mapper and decoder where the
+runner exposes them); a third compares masks and probabilities with the baseline's.
+
+What cannot run here is an error only when the user asked for that backend; otherwise it is
+listed as skipped with its reason, so a CPU-only laptop and an H100 run the same command.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from itertools import cycle, islice
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from gms_deploy.backends import BackendError, Runner, open_runner, resolve_bundle, resolve_device
+from gms_deploy.backends.base import DeviceRunner
+from gms_deploy.backends.torch_eager import torch_device
+from gms_deploy.bundle import ModelBundle
+from gms_deploy.io.frames import InputError
+from gms_deploy.io.inputs import discover, read_frames
+from gms_deploy.metrics import dice
+from gms_deploy.segment import Segmentation, Segmenter, segmenter_for
+
+SAMPLES = Path(__file__).parent / "data" / "samples" / "images"
+TORCH_BACKENDS = ("torch", "torch-compiled")
+BENCH_BACKENDS = (*TORCH_BACKENDS, "onnxruntime", "tensorrt")
+"""What ``--backend`` takes here: every real backend (``auto`` picks one; a benchmark compares them)."""
+# Dense FP16 tensor-core peaks in TFLOP/s (datasheets), the most specific name first.
+FP16_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0}
+
+T = TypeVar("T")
+Progress = Callable[[int, int, str], None]
+"""``progress(done, total, what runs next)``."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    backend: str
+    precision: str
+    device: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.backend} {self.precision} {self.device}"
+
+    def record(self, **fields: Any) -> BenchRecord:
+        return BenchRecord(self.backend, self.precision, self.device, **fields)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to run; ``None`` picks for the device, since a GPU affords more batches and iterations."""
+
+    model: Path | None = None
+    """Model bundle for the PyTorch backends (default: the embedded demo model)."""
+    export: Path | None = None
+    """``gms-deploy export`` folder for ONNX Runtime and TensorRT (with ``gms-deploy build``'s engines)."""
+    backends: tuple[str, ...] = ()
+    """Only these, beside the eager FP32 baseline, which always runs; empty: all that run here."""
+    batch_sizes: tuple[int, ...] | None = None
+    image_sizes: tuple[int, ...] | None = None
+    """Default: the model's. Exported graphs run only at the size they were exported for."""
+    device: str = "auto"
+    warmup: int | None = None
+    iterations: int | None = None
+    frames: Path | None = None
+    """Images or DICOM cycled to fill each batch (default: the package's sample images)."""
+
+
+@dataclass
+class BenchRecord:
+    """One variant at one image and batch size; a skipped one carries its ``reason`` instead."""
+
+    backend: str
+    precision: str
+    device: str
+    image_size: int | None = None
+    batch_size: int | None = None
+    status: str = "ok"
+    reason: str | None = None
+    description: str | None = None
+    iterations: int = 0
+    latency_ms_p50: float | None = None
+    latency_ms_p90: float | None = None
+    latency_ms_p99: float | None = None
+    throughput_img_s: float | None = None
+    speedup_vs_eager: float | None = None
+    peak_gpu_mem_mib: float | None = None
+    """PyTorch's allocator only: ONNX Runtime's CUDA memory is invisible to it, so None there."""
+    stages_ms: dict[str, float] = field(default_factory=dict)
+    """Medians: pre, network, post, and encoder, mapper, decoder where the runner exposes them."""
+    dice_mean: float | None = None
+    """Masks against eager FP32's on the same frames; two empty masks agree (Dice 1)."""
+    dice_min: float | None = None
+    prob_max_abs: float | None = None
+    gflop_per_image: float | None = None
+    """PyTorch's flop counter on the eager model (convolutions, matmuls, attention)."""
+    achieved_tflop_s: float | None = None
+    roofline_pct: float | None = None
+    """Of the GPU's dense FP16 peak, where it is known (``FP16_PEAK_TFLOPS``)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _Measured:
+    """One variant on one batch: the timings and the outputs, before comparison with eager FP32."""
+
+    latencies_ms: list[float]
+    stages_ms: dict[str, float]
+    peak_gpu_mem_mib: float | None
+    outputs: list[Segmentation]
+
+    @property
+    def p50(self) -> float:
+        return float(np.percentile(self.latencies_ms, 50))
+
+
+@dataclass
+class _Reference:
+    """Eager FP32 at one image and batch size: what every other variant is compared with."""
+
+    measured: _Measured
+    gflop_per_image: float
+
+
+def run_bench(config: BenchConfig, progress: Progress | None = None) -> list[BenchRecord]:
+    """Run every variant over every image and batch size; skipped variants come back as records too.
+
+    Raises ``BackendError`` before anything is timed where a backend the user asked for cannot run
+    here at all, and ``ValueError`` for unusable settings or frames.
+    """
+    unknown = sorted(set(config.backends) - set(BENCH_BACKENDS))
+    if unknown:
+        raise BackendError(f"unknown backend {', '.join(unknown)}; choose from {', '.join(BENCH_BACKENDS)}")
+    device = _resolve_device(config.device)
+    gpu = device.type == "cuda"
+    warmup = 3 if config.warmup is None else config.warmup
+    iterations = (20 if gpu else 5) if config.iterations is None else config.iterations
+    batch_sizes = config.batch_sizes or ((1, 8, 32) if gpu else (1, 4))
+    if min(batch_sizes) < 1 or iterations < 1 or warmup < 0:
+        raise ValueError("batch sizes and iterations must be at least 1, warm-up at least 0")
+    bundle = resolve_bundle(config.model, None, None)
+    image_sizes = config.image_sizes or (bundle.settings.image_size,)
+    frames = _load_frames(config.frames or SAMPLES, max(batch_sizes))
+    peak_tflops = _fp16_peak_tflops(device) if gpu else None
+
+    runnable, records = _available(config, bundle, device, image_sizes[0])
+    steps: list[tuple[Variant, int]] = []
+    for size in image_sizes:
+        for variant, fixed_size in runnable:
+            if fixed_size in (None, size):
+                steps.append((variant, size))
+            else:
+                why = f"exported at {fixed_size} x {fixed_size}; export again with --image-size {size}"
+                records.append(variant.record(image_size=size, status="skipped", reason=why))
+    baseline = _baseline(device)
+    total, done = len(steps) * len(batch_sizes), 0
+    references: dict[tuple[int, int], _Reference] = {}
+    for variant, size in steps:
+        runner = _open(variant, bundle, config.export, size)
+        segmenter = segmenter_for(runner)
+        gflop = _gflop_per_image(runner, size) if variant == baseline else None
+        for batch_size in batch_sizes:
+            if progress:
+                progress(done, total, f"{variant.label} {size}px batch {batch_size}")
+            batch = list(islice(cycle(frames), batch_size))
+            measured = _measure(runner, segmenter, batch, warmup, iterations)
+            if gflop is not None:
+                references[size, batch_size] = _Reference(measured, gflop)
+            reference = references[size, batch_size]
+            records.append(_record(variant, runner, size, measured, reference, peak_tflops))
+            done += 1
+        del runner, segmenter
+        if gpu:
+            torch.cuda.empty_cache()
+    if progress:
+        progress(done, total, "done")
+    return records
+
+
+def _resolve_device(device: str) -> torch.device:
+    """``auto`` as everywhere; a bare ``cuda`` becomes the current GPU's index, as records name it."""
+    chosen = torch_device(resolve_device(device))
+    if chosen.type == "cuda":
+        chosen = torch.device("cuda", torch.cuda.current_device() if chosen.index is None else chosen.index)
+        torch.cuda.set_device(chosen)  # CUDA events record on the current device's stream
+    return chosen
+
+
+def _load_frames(folder: Path, count: int) -> list[np.ndarray]:
+    """Up to ``count`` frames (batches cycle through them), read before any timing starts."""
+    sources, errors = discover([folder])
+    frames: list[np.ndarray] = []
+    try:
+        for source in sources:
+            frames += [frame.pixels for frame in islice(read_frames(source), count - len(frames))]
+            if len(frames) == count:
+                break
+    except InputError as err:
+        raise ValueError(str(err)) from None
+    if not frames:
+        raise ValueError(str(errors[0]) if errors else f"{folder}: no frames to benchmark")
+    return frames
+
+
+def _candidates(config: BenchConfig, device: torch.device) -> list[tuple[Variant, str | None]]:
+    """Every variant worth knowing about here, eager FP32 first, each with why it will not run (or None).
+
+    Slow ones (compiling on a CPU, ONNX Runtime's CPU provider beside a GPU) run only when asked for.
+    """
+    gpu = device.type == "cuda"
+    here, cuda = str(device), str(device) if gpu else "cuda"
+    gpu_only = None if gpu else "needs a CUDA GPU (--device cuda)"
+    no_export = None if config.export else "needs --export DIR (a `gms-deploy export` folder)"
+
+    def opt_in(backend: str, why: str) -> str | None:
+        return None if backend in config.backends else f"{why}; ask for it with --backend {backend}"
+
+    compile_note = None if gpu else opt_in("torch-compiled", "compiling on a CPU takes ~1 min per batch size")
+    ort_cpu_note = opt_in("onnxruntime", "its CPU provider is slow beside a GPU") if gpu else None
+    return [
+        (_baseline(device), None),
+        (Variant("torch", "fp16", cuda), gpu_only),
+        (Variant("torch-compiled", "fp16" if gpu else "fp32", here), compile_note),
+        (Variant("onnxruntime", "fp32", "cpu"), no_export or ort_cpu_note),
+        (Variant("onnxruntime", "fp16", cuda), gpu_only or no_export),
+        (Variant("tensorrt", "fp16", cuda), gpu_only or no_export),
+    ]
+
+
+def _available(
+    config: BenchConfig, bundle: ModelBundle, device: torch.device, size: int
+) -> tuple[list[tuple[Variant, int | None]], list[BenchRecord]]:
+    """Variants that open here with the image size they are fixed to (None: any), and skipped records.
+
+    Each runner is opened once and dropped, so that a broken export or a missing engine ends the run
+    before anything is timed; only one model is held at a time, so peak memory is each one's own.
+    """
+    runnable: list[tuple[Variant, int | None]] = []
+    skipped: list[BenchRecord] = []
+    reasons: dict[str, list[str]] = defaultdict(list)
+    baseline = _baseline(device)
+    for variant, reason in _candidates(config, device):
+        if config.backends and variant.backend not in config.backends and variant != baseline:
+            continue
+        if reason is None:
+            try:
+                runner = _open(variant, bundle, config.export, size)
+            except (BackendError, ImportError) as err:  # ImportError: the export extra is not installed
+                if variant == baseline:
+                    raise
+                reason = str(err) if isinstance(err, BackendError) else f"{err.name} is not installed"
+            else:
+                fixed = None if variant.backend in TORCH_BACKENDS else runner.settings.image_size
+                runnable.append((variant, fixed))
+                del runner
+                continue
+        reasons[variant.backend].append(reason)
+        skipped.append(variant.record(status="skipped", reason=reason))
+    for backend in config.backends:
+        if all(variant.backend != backend for variant, _ in runnable):
+            raise BackendError(
+                f"--backend {backend} cannot run here: {'; '.join(dict.fromkeys(reasons[backend]))}"
+            )
+    return runnable, skipped
+
+
+def _baseline(device: torch.device) -> Variant:
+    return Variant("torch", "fp32", str(device))
+
+
+def _open(variant: Variant, bundle: ModelBundle, export: Path | None, size: int) -> Runner:
+    """PyTorch variants are built from the bundle at any image size; the others run the export as is."""
+    if variant.backend in TORCH_BACKENDS:
+        from gms_deploy.backends.torch_compiled import TorchCompiledRunner
+        from gms_deploy.backends.torch_eager import TorchRunner
+
+        kind = TorchCompiledRunner if variant.backend == "torch-compiled" else TorchRunner
+        return kind(bundle.with_settings(image_size=size), variant.device, variant.precision)
+    return open_runner(variant.backend, export, device=variant.device, precision=variant.precision)
+
+
+def _timed(fn: Callable[[], T], gpu: bool) -> tuple[T, float]:
+    """``fn()`` and its milliseconds: CUDA events around it on an idle GPU, else the host clock.
+
+    An event recorded after ``fn`` returns completes once the GPU has finished what ``fn`` queued,
+    so host work inside ``fn`` (OpenCV, copies) and device work are both counted.
+    """
+    if not gpu:
+        start = time.perf_counter()
+        out = fn()
+        return out, (time.perf_counter() - start) * 1e3
+    torch.cuda.synchronize()
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    out = fn()
+    end.record()
+    end.synchronize()
+    return out, begin.elapsed_time(end)
+
+
+def _measure(
+    runner: Runner, segmenter: Segmenter, batch: Sequence[np.ndarray], warmup: int, iterations: int
+) -> _Measured:
+    """End-to-end latencies and peak memory, then per-phase medians, then the outputs to compare."""
+    gpu = isinstance(runner, DeviceRunner) and runner.device.type == "cuda"
+    threshold = runner.settings.threshold
+
+    def end_to_end() -> list[Segmentation]:
+        return segmenter.segment([segmenter.prepare(frame) for frame in batch], threshold)
+
+    for _ in range(warmup):
+        end_to_end()
+    if gpu:
+        torch.cuda.reset_peak_memory_stats(runner.device)
+    latencies = [_timed(end_to_end, gpu)[1] for _ in range(iterations)]
+    peak_mib = torch.cuda.max_memory_allocated(runner.device) / 2**20 if gpu else None
+    stages = _stage_times(runner, segmenter, batch, gpu, warmup, iterations)
+    outputs = segmenter.segment([segmenter.prepare(frame) for frame in batch], threshold, keep_prob=True)
+    return _Measured(latencies, stages, peak_mib, outputs)
+
+
+def _stage_times(
+    runner: Runner, segmenter: Segmenter, batch: Sequence[np.ndarray], gpu: bool, warmup: int, iterations: int
+) -> dict[str, float]:
+    """Median milliseconds of each phase, timed one at a time, after ``warmup`` untimed rounds.
+
+    The warm-up matters for the encoder, mapper and decoder of a compiled runner: each is a graph
+    of its own, compiled on its first call.
+    """
+    device = runner.device if isinstance(runner, DeviceRunner) else None
+    stages = runner.stages() if isinstance(runner, DeviceRunner) else {}
+    threshold = runner.settings.threshold
+    times: dict[str, list[float]] = defaultdict(list)
+    with torch.inference_mode():
+        for round_ in range(warmup + iterations):
+            prepared, prepare_ms = _timed(lambda: [segmenter.prepare(frame) for frame in batch], gpu)
+            inputs, inputs_ms = _timed(partial(segmenter.network_inputs, prepared), gpu)
+            probs, network_ms = _timed(partial(segmenter.network, inputs), gpu)
+            _, post_ms = _timed(partial(segmenter.masks, probs, prepared, threshold, False), gpu)
+            step = {"pre": prepare_ms + inputs_ms, "network": network_ms, "post": post_ms}
+            tensor = inputs  # each stage runs on the previous one's output, as ``forward`` chains them
+            for name, stage in stages.items():
+                tensor, step[name] = _timed(partial(stage, torch.as_tensor(tensor, device=device)), gpu)
+            if round_ >= warmup:
+                for name, ms in step.items():
+                    times[name].append(ms)
+    return {name: float(np.median(values)) for name, values in times.items()}
+
+
+def _record(
+    variant: Variant,
+    runner: Runner,
+    size: int,
+    measured: _Measured,
+    reference: _Reference,
+    peak_tflops: float | None,
+) -> BenchRecord:
+    """The row: timings, and what is relative to eager FP32 (speed-up, agreement, roofline)."""
+    pairs = list(zip(measured.outputs, reference.measured.outputs, strict=True))
+    scores = [dice(mine.mask, theirs.mask, empty=1.0) for mine, theirs in pairs]
+    p50, p90, p99 = (float(p) for p in np.percentile(measured.latencies_ms, [50, 90, 99]))
+    throughput = len(pairs) / (p50 / 1e3)
+    achieved = reference.gflop_per_image * throughput / 1e3
+    return variant.record(
+        image_size=size,
+        batch_size=len(pairs),
+        description=runner.description,
+        iterations=len(measured.latencies_ms),
+        latency_ms_p50=p50,
+        latency_ms_p90=p90,
+        latency_ms_p99=p99,
+        throughput_img_s=throughput,
+        speedup_vs_eager=reference.measured.p50 / p50,
+        peak_gpu_mem_mib=measured.peak_gpu_mem_mib,
+        stages_ms=measured.stages_ms,
+        dice_mean=float(np.mean(scores)),
+        dice_min=float(np.min(scores)),
+        prob_max_abs=max(float(np.abs(mine.prob - theirs.prob).max()) for mine, theirs in pairs),
+        gflop_per_image=reference.gflop_per_image,
+        achieved_tflop_s=achieved,
+        roofline_pct=None if peak_tflops is None else 100.0 * achieved / peak_tflops,
+    )
+
+
+def _gflop_per_image(runner: Runner, size: int) -> float:
+    """PyTorch's flop count of one image through the eager model: the numerator of the roofline."""
+    assert isinstance(runner, DeviceRunner)
+    with FlopCounterMode(display=False) as counter:
+        runner.forward(torch.zeros(1, 3, size, size, device=runner.device))
+    return counter.get_total_flops() / 1e9
+
+
+def _fp16_peak_tflops(device: torch.device) -> float | None:
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in FP16_PEAK_TFLOPS.items() if key in name), None)

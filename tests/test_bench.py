@@ -1,0 +1,142 @@
+"""``gms-deploy bench`` on the CPU: real runs of eager PyTorch and ONNX Runtime on a tiny model.
+
+Only the bookkeeping is checked (fields, orderings, agreement, files, skips, errors); no timing is
+asserted, since the figures on a shared CI machine mean nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from gms_deploy.backends import BackendError
+from gms_deploy.bench import BenchConfig, BenchRecord, run_bench
+from gms_deploy.bench_report import environment, format_table, plot, write_json
+from gms_deploy.bundle import ModelBundle
+from gms_deploy.cli import app
+
+REQUIRED = ("backend", "precision", "batch_size", "latency_ms_p50", "throughput_img_s", "speedup_vs_eager")
+FAST = {"device": "cpu", "warmup": 1, "iterations": 3}
+cli = CliRunner()
+
+
+def _ran(records: list[BenchRecord]) -> list[BenchRecord]:
+    return [r for r in records if r.status == "ok"]
+
+
+def _skipped(records: list[BenchRecord]) -> dict[str, str]:
+    return {f"{r.backend} {r.precision} {r.image_size}": r.reason or "" for r in records if r.status != "ok"}
+
+
+@pytest.fixture(scope="module")
+def torch_records(tiny_bundle: ModelBundle, one_thread: None) -> list[BenchRecord]:
+    return run_bench(BenchConfig(model=tiny_bundle.vae.parent, batch_sizes=(1, 2), **FAST))
+
+
+@pytest.fixture(scope="module")
+def ort_records(tiny_bundle: ModelBundle, tiny_onnx: Path, one_thread: None) -> list[BenchRecord]:
+    config = BenchConfig(
+        model=tiny_bundle.vae.parent,
+        export=tiny_onnx,
+        backends=("onnxruntime",),
+        batch_sizes=(1, 3),
+        image_sizes=(32, 48),
+        **FAST,
+    )
+    return run_bench(config)
+
+
+def test_baseline_records(torch_records: list[BenchRecord]) -> None:
+    ran = _ran(torch_records)
+    assert [(r.backend, r.precision, r.device, r.batch_size) for r in ran] == [
+        ("torch", "fp32", "cpu", 1),
+        ("torch", "fp32", "cpu", 2),
+    ]
+    for r in ran:
+        assert all(getattr(r, name) is not None for name in REQUIRED)
+        assert r.image_size == 32 and r.iterations == 3
+        assert r.speedup_vs_eager == 1.0 and r.dice_mean == r.dice_min == 1.0 and r.prob_max_abs == 0.0
+        assert 0 < r.latency_ms_p50 <= r.latency_ms_p90 <= r.latency_ms_p99  # type: ignore[operator]
+        assert r.throughput_img_s == pytest.approx(r.batch_size * 1e3 / r.latency_ms_p50)  # type: ignore[operator]
+        assert set(r.stages_ms) == {"pre", "network", "post", "encoder", "mapper", "decoder"}
+        assert r.gflop_per_image and r.gflop_per_image > 0
+        assert r.peak_gpu_mem_mib is None and r.roofline_pct is None  # CPU: no GPU memory, no roofline
+
+
+def test_unrequested_unavailable_variants_are_listed_as_skipped(torch_records: list[BenchRecord]) -> None:
+    skipped = _skipped(torch_records)
+    assert "compiling on a CPU" in skipped["torch-compiled fp32 None"]
+    assert "--export DIR" in skipped["onnxruntime fp32 None"]
+    assert (
+        "needs a CUDA GPU" in skipped["torch fp16 None"]
+        and "needs a CUDA GPU" in skipped["tensorrt fp16 None"]
+    )
+    table = format_table(torch_records)
+    assert "p50 ms" in table and "skipped tensorrt fp16 cuda: needs a CUDA GPU" in table
+    assert "TFLOP/s" not in table  # the roofline columns are for GPU runs
+
+
+def test_onnxruntime_against_eager(ort_records: list[BenchRecord]) -> None:
+    """Same frames, same masks; the export runs only at its own size, eager PyTorch at every size."""
+    ran = {(r.backend, r.image_size, r.batch_size): r for r in _ran(ort_records)}
+    assert set(ran) == {(b, s, n) for b in ("torch", "onnxruntime") for s in (32, 48) for n in (1, 3)} - {
+        ("onnxruntime", 48, 1),
+        ("onnxruntime", 48, 3),
+    }
+    for batch in (1, 3):
+        ort = ran["onnxruntime", 32, batch]
+        assert ort.precision == "fp32" and ort.device == "cpu" and "onnxruntime" in (ort.description or "")
+        assert ort.dice_min is not None and ort.dice_min >= 0.99
+        assert ort.prob_max_abs is not None and ort.prob_max_abs < 1e-3
+        eager = ran["torch", 32, batch]
+        assert ort.speedup_vs_eager == pytest.approx(eager.latency_ms_p50 / ort.latency_ms_p50)  # type: ignore[operator]
+        assert set(ort.stages_ms) == {"pre", "network", "post"}  # one fused graph: no per-stage calls
+    skipped = _skipped(ort_records)
+    assert "exported at 32 x 32" in skipped["onnxruntime fp32 48"]
+    assert not any(name.startswith(("torch ", "torch-compiled", "tensorrt")) for name in skipped)  # not asked
+
+
+def test_json_and_plot(ort_records: list[BenchRecord], tmp_path: Path) -> None:
+    write_json(tmp_path / "bench.json", ort_records, environment())
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert {"date", "cpu", "torch", "onnxruntime", "gpu", "driver", "cuda"} <= set(data["environment"])
+    assert len(data["records"]) == len(ort_records)
+    for record in data["records"]:
+        assert set(REQUIRED) | {"device", "status", "stages_ms"} <= set(record)
+    plot(tmp_path / "bench.png", ort_records)
+    png = (tmp_path / "bench.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+
+
+def test_cli(tiny_bundle: ModelBundle, one_thread: None, tmp_path: Path) -> None:
+    model = ["--model", str(tiny_bundle.vae.parent), "--device", "cpu", "--warmup", "0", "--iterations", "1"]
+    out = ["--json", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png")]
+    done = cli.invoke(app, ["bench", *model, "--batch-size", "2", *out])
+    assert done.exit_code == 0, done.output
+    assert "p50 ms" in done.output and "skipped onnxruntime fp32 cpu" in done.output
+    records = json.loads((tmp_path / "b.json").read_text())["records"]
+    assert [r["batch_size"] for r in records if r["status"] == "ok"] == [2]
+    assert (tmp_path / "b.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--backend", "tensorrt"], "--backend tensorrt cannot run here: needs a CUDA GPU"),
+        (["--backend", "onnxruntime"], "--backend onnxruntime cannot run here: needs --export DIR"),
+        (["--backend", "tvm"], "unknown backend tvm"),
+        (["--device", "cuda"], "PyTorch sees no CUDA GPU"),
+    ],
+)
+def test_cli_refuses_what_cannot_run(tiny_bundle: ModelBundle, flags: list[str], message: str) -> None:
+    done = cli.invoke(app, ["bench", "--model", str(tiny_bundle.vae.parent), *flags])
+    assert done.exit_code == 2 and message in done.output
+    assert len(done.output.strip().splitlines()) == 1, done.output
+
+
+def test_explicit_unavailable_backend_raises_before_timing(tiny_bundle: ModelBundle) -> None:
+    with pytest.raises(BackendError, match="needs a CUDA GPU"):
+        run_bench(BenchConfig(model=tiny_bundle.vae.parent, backends=("tensorrt",), device="cpu"))
