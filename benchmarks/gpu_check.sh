@@ -55,9 +55,9 @@ tests() {
 }
 
 export_model() {
-    rm -rf "$WORK/full" "$WORK/export"
-    $PY -c "from pathlib import Path; from gms_deploy.bundle import random_full_size_bundle as b; \
-b(Path('$WORK/full'))" || return 1
+    rm -rf "$WORK/src" "$WORK/full" "$WORK/export" && mkdir -p "$WORK/src"
+    $PY -c "from pathlib import Path; from gms_deploy.bundle import random_full_size as r; \
+r(Path('$WORK/src')).save(Path('$WORK/full'))" || return 1
     $PY -m gms_deploy export --model "$WORK/full" --out "$WORK/export" 2>&1 | tee "$OUT/export.log" || return 1
     # TensorRT for RTX has no Hopper target: on an H100 this build is expected to fail, and says why.
     $PY -m gms_deploy build "$WORK/export" --opt-batch 8 --max-batch 32 2>&1 | tee -a "$OUT/export.log"

@@ -181,12 +181,26 @@ def run_bench(config: BenchConfig, progress: Progress | None = None) -> list[Ben
             if progress:
                 progress(done, total, f"{variant.label} {size}px batch {batch_size}")
             batch = list(islice(cycle(frames), batch_size))
-            measured = _measure(runner, segmenter, batch, warmup, iterations)
-            if gflop is not None:
-                references[size, batch_size] = _Reference(measured, gflop)
-            reference = references[size, batch_size]
-            records.append(_record(variant, runner, size, measured, reference, peak_tflops))
             done += 1
+            reference = references.get((size, batch_size))
+            if gflop is None and reference is None:
+                why = f"eager FP32 did not run at batch {batch_size}: nothing to compare with"
+                records.append(
+                    variant.record(image_size=size, batch_size=batch_size, status="skipped", reason=why)
+                )
+                continue
+            try:
+                measured = _measure(runner, segmenter, batch, warmup, iterations)
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                why = f"out of GPU memory at batch {batch_size}"
+                records.append(
+                    variant.record(image_size=size, batch_size=batch_size, status="skipped", reason=why)
+                )
+                continue
+            if gflop is not None:
+                reference = references[size, batch_size] = _Reference(measured, gflop)
+            records.append(_record(variant, runner, size, measured, reference, peak_tflops))
         del runner, segmenter
         if gpu:
             torch.cuda.empty_cache()

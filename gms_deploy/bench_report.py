@@ -68,6 +68,7 @@ def format_table(records: Sequence[BenchRecord]) -> str:
     for r in records:
         if r.status != "ok":
             at = f" at {r.image_size} px" if r.image_size else ""
+            at += f", batch {r.batch_size}" if r.batch_size else ""
             lines.append(f"skipped {r.backend} {r.precision} {r.device}{at}: {r.reason}")
     return "\n".join(lines)
 

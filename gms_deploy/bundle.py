@@ -127,10 +127,11 @@ SD_VAE = {
 }
 
 
-def random_full_size_bundle(out_dir: Path, seed: int = 0) -> ModelBundle:
-    """The released architecture with random weights: the real model's cost, for benchmarks.
+def random_full_size(root: Path, image_size: int = 224, seed: int = 0) -> ModelBundle:
+    """The released architecture with random weights, written under ``root``: the real model's cost.
 
-    Speed does not depend on the weights, and machines that benchmark (a lent GPU, CI) have none.
+    For benchmarks and full-size tests: speed and graph structure do not depend on the weights,
+    and the machines that measure them (a lent GPU, CI) have none. ``.save()`` makes it a bundle.
     """
     import torch
     from diffusers import AutoencoderKL
@@ -138,8 +139,6 @@ def random_full_size_bundle(out_dir: Path, seed: int = 0) -> ModelBundle:
     from gms_deploy.model.mapper import LatentMapper, MapperConfig
 
     torch.manual_seed(seed)
-    with tempfile.TemporaryDirectory() as tmp:
-        AutoencoderKL(**SD_VAE).save_pretrained(Path(tmp) / "vae")
-        torch.save({"model": LatentMapper(MapperConfig()).state_dict()}, Path(tmp) / "mapper.pth")
-        made = ModelBundle(Path(tmp) / "vae", Path(tmp) / "mapper.pth", Settings(), "random-full-size")
-        return made.save(out_dir)
+    AutoencoderKL(**SD_VAE).save_pretrained(root / "vae")
+    torch.save({"model": LatentMapper(MapperConfig()).state_dict()}, root / "mapper.pth")
+    return ModelBundle(root / "vae", root / "mapper.pth", Settings(image_size=image_size), "random-full-size")

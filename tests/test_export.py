@@ -12,15 +12,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import torch
-from diffusers import AutoencoderKL
 from typer.testing import CliRunner
 
 from gms_deploy import onnx_export, validate
 from gms_deploy.backends import BackendError, open_runner
-from gms_deploy.bundle import ModelBundle, Settings
+from gms_deploy.bundle import ModelBundle, Settings, random_full_size
 from gms_deploy.cli import app
-from gms_deploy.model.mapper import LatentMapper, MapperConfig
 from gms_deploy.onnx_export import (
     FORMAT_VERSION,
     FP32_OP_TYPES,
@@ -32,15 +29,6 @@ from gms_deploy.onnx_export import (
 )
 from gms_deploy.validate import ValidationError
 
-# The SD 1.x / 2.x VAE: AutoencoderKL()'s defaults are a different, one-level model.
-SD_VAE = {
-    "block_out_channels": (128, 256, 512, 512),
-    "down_block_types": ("DownEncoderBlock2D",) * 4,
-    "up_block_types": ("UpDecoderBlock2D",) * 4,
-    "layers_per_block": 2,
-    "latent_channels": 4,
-    "norm_num_groups": 32,
-}
 # 128-wide at 64 x 64 keeps the session's test time near a minute for that export; the 224 x 224
 # figure is measured by hand (see the README) since it does not change what the graphs contain.
 SD_IMAGE_SIZE = 64
@@ -48,14 +36,6 @@ PARITY_IMAGE_SIZE = 224
 
 _EXPORTS: dict[str, ExportResult | Exception] = {}
 cli = CliRunner()
-
-
-def sd_bundle(root: Path, image_size: int = SD_IMAGE_SIZE) -> ModelBundle:
-    """The full-size SD-VAE architecture with random weights, and the official mapper."""
-    torch.manual_seed(0)
-    AutoencoderKL(**SD_VAE).save_pretrained(root / "vae")
-    torch.save({"model": LatentMapper(MapperConfig()).state_dict()}, root / "mapper.pth")
-    return ModelBundle(root / "vae", root / "mapper.pth", Settings(image_size=image_size), "sd-vae-128")
 
 
 def parity_bundle(parity_dir: Path) -> ModelBundle:
@@ -78,7 +58,7 @@ def exported(
             bundle = parity_bundle(parity_dir)
             calibration = [*onnx_export.default_image_paths(), parity_dir / "input.png"]
         else:
-            bundle, calibration = sd_bundle(root / "src"), None
+            bundle, calibration = random_full_size(root / "src", SD_IMAGE_SIZE), None
         try:
             _EXPORTS[which] = export_model(bundle, root / "onnx", calibration=calibration)
         except Exception as err:  # kept, so the tests sharing it fail at once instead of exporting again

@@ -2,19 +2,26 @@
 
 The fused engine rather than the three per-stage ones, for the reasons the ONNX Runtime runner
 gives: one context and one launch (one CUDA graph) per batch, no latent handed between engines,
-and TensorRT can fuse across the encoder/mapper/decoder seams. The per-stage engines serve
-per-stage timing and checks. Everything that can be checked without a GPU (manifest, TensorRT
-version, engine hash) is checked by ``gms_deploy.engines.check_engine`` before TensorRT sees the file.
+and TensorRT can fuse across the encoder/mapper/decoder seams. The per-stage engines, chained on
+device tensors, are ``stages()``: ``gms-deploy bench`` times both, so its ``network`` column
+against the sum of its encoder, mapper and decoder columns says which is faster on a given GPU.
+Everything that can be checked without a GPU (manifest, TensorRT version, engine hash) is checked
+by ``gms_deploy.engines.check_engine`` before TensorRT sees the file.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from gms_deploy.backends.base import BackendError, DeviceRunner
 from gms_deploy.backends.onnxruntime import read_manifest
+
+if TYPE_CHECKING:
+    from gms_deploy.trt.engine import Engine
 
 GRAPH = "gms"
 
@@ -27,7 +34,7 @@ class TensorRTRunner(DeviceRunner):
         precision = precision or "fp16"
         if precision != "fp16":
             raise BackendError(f"--backend tensorrt builds FP16 engines only, not {precision}")
-        from gms_deploy.engines import check_engine, current_gpu
+        from gms_deploy.engines import current_gpu
         from gms_deploy.trt import TrtUnavailable, find_flavour
 
         self.export_dir = Path(export_dir)
@@ -45,16 +52,24 @@ class TensorRTRunner(DeviceRunner):
             flavour = find_flavour(entry["flavour"] if entry else "auto")
         except TrtUnavailable as err:
             raise BackendError(str(err)) from None
-        gpu = current_gpu(self.device.index or 0)
-        path = check_engine(self.export_dir, GRAPH, flavour, precision, gpu)
+        self.flavour, self.precision = flavour, precision
+        self.gpu = current_gpu(self.device.index or 0)
+        self.engine = self._load(GRAPH)
+        self._stages: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+        where = self.gpu.name if self.gpu else self.device
+        self.label = f"{flavour.label} {precision.upper()} fused engine on {where}"
+
+    def _load(self, graph: str) -> Engine:
+        """One checked engine of the export, with its runtime cache beside it."""
+        from gms_deploy.engines import check_engine
         from gms_deploy.trt.engine import Engine, EngineLoadError
 
+        path = check_engine(self.export_dir, graph, self.flavour, self.precision, self.gpu)
         try:
             # TensorRT for RTX's just-in-time kernels, kept beside the engine for the next process.
-            self.engine = Engine(flavour, path, self.device, path.with_suffix(".runtime-cache"))
+            return Engine(self.flavour, path, self.device, path.with_suffix(".runtime-cache"))
         except EngineLoadError as err:
             raise BackendError(f"{err}; run `gms-deploy build {self.export_dir} --rebuild`") from None
-        self.label = f"{flavour.label} {precision.upper()} fused engine on {gpu.name if gpu else self.device}"
 
     @property
     def description(self) -> str:
@@ -66,12 +81,30 @@ class TensorRTRunner(DeviceRunner):
             raise BackendError(
                 f"{self.export_dir}: expects B x 3 x {size} x {size} images, got {tuple(images.shape)}"
             )
-        low, high = self.engine.profile_batches()
+        return self._run(self.engine, images)[:, 0]
+
+    def _run(self, engine: Engine, inputs: torch.Tensor) -> torch.Tensor:
+        """Batches beyond the engine's profile run in slices rather than failing."""
+        low, high = engine.profile_batches()
         pieces = []
-        # Batches beyond the engine's profile run in slices rather than failing.
-        for chunk in images.split(high):
+        for chunk in inputs.split(high):
             if len(chunk) < low:
-                raise BackendError(f"{self.export_dir}: the engine needs batches of at least {low}")
-            (prob,) = self.engine({self.engine.inputs[0]: chunk.float()}).values()
-            pieces.append(prob[:, 0].float().clone())  # the engine reuses its output buffer
+                raise BackendError(f"{engine.path}: the engine needs batches of at least {low}")
+            (out,) = engine({engine.inputs[0]: chunk.float()}).values()
+            pieces.append(out.float().clone())  # the engine reuses its output buffer
         return torch.cat(pieces)
+
+    def stages(self) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+        """The per-stage engines chained on device tensors: the fused engine's alternative, timed apart.
+
+        Loaded on first use (a benchmark asks; inference never does), so an export built with the
+        fused engine alone still runs.
+        """
+        if not self._stages:
+            engines = {graph: self._load(graph) for graph in ("encoder", "mapper", "decoder")}
+            self._stages = {
+                "encoder": lambda x: self._run(engines["encoder"], x),
+                "mapper": lambda z: self._run(engines["mapper"], z),
+                "decoder": lambda z: self._run(engines["decoder"], z)[:, 0],
+            }
+        return self._stages
