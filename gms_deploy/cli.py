@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from gms_deploy.backends import BACKENDS, BackendError, open_auto, open_runner, resolve_bundle
 from gms_deploy.bundle import ModelBundle
-from gms_deploy.infer import InferOptions, Roi, run_inference
+from gms_deploy.infer import READERS, InferOptions, Roi, run_inference
 from gms_deploy.model.checkpoints import CheckpointError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -57,6 +57,7 @@ def infer(
         str | None, typer.Option(help="fp32 or fp16; default: the backend's own (fp16 on GPUs).")
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 4,
+    readers: Annotated[int, typer.Option("--readers", min=1, help="Files decoded at once.")] = READERS,
     threshold: Annotated[
         float | None, typer.Option(min=0.0, max=1.0, help="Default: the model's (0.5).")
     ] = None,
@@ -75,7 +76,7 @@ def infer(
     except (BackendError, CheckpointError) as err:
         raise _fail(str(err)) from None
     typer.echo(f"model: {runner.description}", err=True)
-    options = InferOptions(out, batch_size, threshold, save_prob, overlay, roi, overwrite)
+    options = InferOptions(out, batch_size, threshold, save_prob, overlay, roi, overwrite, readers)
     with tqdm(desc="segmenting", unit="file", leave=False, disable=None) as bar:
 
         def progress(done: int, total: int) -> None:

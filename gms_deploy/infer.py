@@ -12,6 +12,7 @@ everything it finished (on Ctrl-C the writer first finishes the masks already co
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from gms_deploy.stream import Prefetch, Writer
 log = logging.getLogger(__name__)
 
 RESULTS = "results.csv"
+READERS = min(4, os.cpu_count() or 1)
 Roi = Literal["none", "dicom"]
 
 
@@ -44,6 +46,8 @@ class InferOptions:
     overlay: bool = False
     roi: Roi = "none"
     overwrite: bool = False
+    readers: int = READERS
+    """Files decoded at once, on as many threads."""
 
 
 @dataclass
@@ -86,8 +90,7 @@ class _Skipped:
 
 @dataclass
 class _FileDone:
-    done: int
-    total: int
+    """The end of one file's events."""
 
 
 _Event = _Item | _Failed | _Skipped | _FileDone
@@ -152,8 +155,10 @@ def run_inference(
 
     ``segmenter`` defaults to the fused pipeline for a torch runner on a GPU, the host one otherwise.
     """
-    if options.batch_size < 1:
-        raise ValueError(f"batch size must be at least 1, got {options.batch_size}")
+    if options.batch_size < 1 or options.readers < 1:
+        raise ValueError(
+            f"batch size and readers must be at least 1: {options.batch_size}, {options.readers}"
+        )
     out_dir = options.out_dir.resolve()
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{options.out_dir}: exists and is not a folder")
@@ -163,10 +168,15 @@ def run_inference(
     ledger = _Ledger(report, ResultsTable(out_dir / RESULTS))
     sources, errors = discover(inputs)
     sources = [s for s in sources if not s.path.resolve().is_relative_to(out_dir)]
-    depth = 2 * options.batch_size
+    # Frames held ahead of the network: about two batches, however many files are read at once.
+    depth = max(2, options.batch_size // options.readers)
+    produce = partial(_file_events, segmenter=segmenter, options=options)
     batch: list[_Item] = []
     try:
-        with Writer(depth) as writer, Prefetch(_events(sources, segmenter, options), depth) as reader:
+        with (
+            Writer(2 * options.batch_size) as writer,
+            Prefetch(sources, produce, options.readers, depth) as reader,
+        ):
             for error in errors:
                 writer.submit(partial(ledger.fail, _Failed(error.path, None, str(error))))
             for event in reader:
@@ -181,28 +191,27 @@ def run_inference(
                 else:
                     report.files += 1
                     if progress is not None:
-                        progress(event.done, event.total)
+                        progress(report.files, len(sources))
             _run_batch(batch, segmenter, threshold, options.save_prob, ledger, writer)
     finally:  # Ctrl-C included: the rows of every finished output reach results.csv
         ledger.table.flush()
     return report
 
 
-def _events(sources: list[Source], segmenter: Segmenter, options: InferOptions) -> Iterator[_Event]:
-    """The reader thread's work: every frame of every file, prepared, with the run's bookkeeping."""
-    for done, source in enumerate(sources, start=1):
-        frames = read_frames(source)
-        while True:
-            start = time.perf_counter()
-            try:
-                frame = next(frames, None)
-            except InputError as err:
-                yield _Failed(source.path, None, str(err))
-                break
-            if frame is None:
-                break
-            yield _prepare(frame, segmenter, options, start)
-        yield _FileDone(done, len(sources))
+def _file_events(source: Source, segmenter: Segmenter, options: InferOptions) -> Iterator[_Event]:
+    """A reader thread's work for one file: every frame, prepared, then the file's end."""
+    frames = read_frames(source)
+    while True:
+        start = time.perf_counter()
+        try:
+            frame = next(frames, None)
+        except InputError as err:
+            yield _Failed(source.path, None, str(err))
+            break
+        if frame is None:
+            break
+        yield _prepare(frame, segmenter, options, start)
+    yield _FileDone()
 
 
 def _prepare(frame: Frame, segmenter: Segmenter, options: InferOptions, start: float) -> _Item | _Skipped:

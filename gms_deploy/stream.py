@@ -1,7 +1,7 @@
 """Worker threads with bounded queues, so file decoding and writing overlap the network.
 
-``Prefetch`` runs an iterator (discover, decode, crop, prepare) a fixed number of items ahead of
-its consumer; ``Writer`` runs jobs (mask resize on the host path, PNG encoding, atomic writes, the
+``Prefetch`` reads files (decode, crop, prepare) on a few threads, a bounded number of frames
+ahead of its consumer and in input order; ``Writer`` runs jobs (PNG encoding, atomic writes, the
 results table) one at a time in submission order, so ``results.csv`` lists frames in input order.
 Both queues are bounded: a long cine loop streams through in batches and never sits in memory
 whole, and a slow disk holds the GPU back instead of filling memory. Decoders, OpenCV and zlib
@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Generic, TypeVar
 
+S = TypeVar("S")
 T = TypeVar("T")
 POLL_S = 0.1
+_NOTHING = object()
 
 
 class _End:
@@ -27,49 +30,78 @@ class _End:
         self.error = error
 
 
-class Prefetch(Generic[T]):
-    """Iterate ``source`` on a worker thread, at most ``depth`` items ahead; its exception re-raises here."""
+class Prefetch(Generic[S, T]):
+    """``produce(item)`` for every item on ``workers`` threads, yielded here in item order.
 
-    def __init__(self, source: Iterable[T], depth: int) -> None:
-        self._queue: queue.Queue[T | _End] = queue.Queue(maxsize=max(depth, 1))
+    Each item (a file) is produced whole by one worker, its results passing through a queue of
+    ``depth``; workers run ahead on at most ``2 x workers`` items. So several files decode at
+    once, their frames still come out in input order, and memory stays bounded however long one
+    item (a cine loop) is. An item's exception re-raises here, in its place.
+    """
+
+    def __init__(
+        self, items: Iterable[S], produce: Callable[[S], Iterable[T]], workers: int = 1, depth: int = 8
+    ) -> None:
+        self._items = iter(items)
+        self._produce = produce
+        self._depth = max(depth, 1)
+        self._window = 2 * max(workers, 1)
+        self._tasks: queue.Queue[tuple[S, queue.Queue[T | _End]] | None] = queue.Queue()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._fill, args=(source,), name="gms-read", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"gms-read-{i}", daemon=True)
+            for i in range(max(workers, 1))
+        ]
+        for thread in self._threads:
+            thread.start()
 
-    def _put(self, item: T | _End) -> bool:
+    def _put(self, results: queue.Queue[T | _End], item: T | _End) -> bool:
         while not self._stop.is_set():
             try:
-                self._queue.put(item, timeout=POLL_S)
+                results.put(item, timeout=POLL_S)
                 return True
             except queue.Full:
                 continue
         return False
 
-    def _fill(self, source: Iterable[T]) -> None:
-        try:
-            for item in source:
-                if not self._put(item):
-                    return
-        except BaseException as err:  # handed to the consumer, which decides what it means
-            self._put(_End(err))
-            return
-        self._put(_End())
+    def _work(self) -> None:
+        while not self._stop.is_set() and (task := self._tasks.get()) is not None:
+            item, results = task
+            try:
+                for result in self._produce(item):
+                    if not self._put(results, result):
+                        return
+            except BaseException as err:  # handed to the consumer, in this item's place
+                self._put(results, _End(err))
+                continue
+            self._put(results, _End())
+
+    def _submit(self, pending: deque[queue.Queue[T | _End]]) -> None:
+        while len(pending) < self._window and (item := next(self._items, _NOTHING)) is not _NOTHING:
+            results: queue.Queue[T | _End] = queue.Queue(maxsize=self._depth)
+            pending.append(results)
+            self._tasks.put((item, results))  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator[T]:
-        while True:
-            item = self._queue.get()
-            if isinstance(item, _End):
-                if item.error is not None:
-                    raise item.error
-                return
-            yield item
+        pending: deque[queue.Queue[T | _End]] = deque()
+        self._submit(pending)
+        while pending:
+            results = pending.popleft()
+            self._submit(pending)
+            while not isinstance(result := results.get(), _End):
+                yield result
+            if result.error is not None:
+                raise result.error
 
     def close(self) -> None:
-        """Stop the worker where it is (Ctrl-C, or a consumer that gave up) and wait for it."""
+        """Stop the workers where they are (Ctrl-C, or a consumer that gave up) and wait for them."""
         self._stop.set()
-        self._thread.join()
+        for _ in self._threads:
+            self._tasks.put(None)
+        for thread in self._threads:
+            thread.join()
 
-    def __enter__(self) -> Prefetch[T]:
+    def __enter__(self) -> Prefetch[S, T]:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -5,12 +5,10 @@ and real images (ultrasound frames). Inputs of the mapper and decoder are what e
 earlier stages make of those images, so each graph sees the values it will see in service.
 
 Pass criteria:
-* FP32: max abs error <= 1e-3 per network stage the graph holds (of the probability, or of a
-  latent scaled by max(1, max |ref|)): 1e-3 for a sub-graph, 3e-3 for the fused graph. Stages
-  compound: ONNX Runtime's CPU InstanceNormalization (GroupNorm) loses ~1e-4 relative precision
-  on frames with large black borders (7x PyTorch's error against float64, measured), and the
-  mapper amplifies its input's error; the fused graph reached 1.1-1.2e-3 on pydicom's frames
-  while every sub-graph stayed under 5e-5.
+* FP32: max abs error <= 1e-3 (of the probability, or of a latent scaled by max(1, max |ref|)),
+  for the fused graph as for each part. The FP32 graphs compute GroupNorm with short sums for
+  this (see ``onnx_export``): with ONNX Runtime's InstanceNormalization the fused graph was
+  1.19e-3 off on the parity fixture's frames.
 * FP16: no NaN or Inf in the output nor in any intermediate tensor (every node output is made a
   graph output and checked at the export's image size: SD VAEs are known to overflow FP16 in the
   decoder's up-blocks), and a probability mask Dice >= 0.99 against FP32 eager over the set's
@@ -153,10 +151,10 @@ def _judge(
             failures.append(f"Dice {score:.4f} < {FP16_MIN_DICE}")
     if bad:
         failures.append(f"NaN/Inf at {bad}")
-    elif precision == "fp32" and max_abs > spec.stages * FP32_MAX_ABS * (
+    elif precision == "fp32" and max_abs > FP32_MAX_ABS * (
         1.0 if spec.output_is_probability else max(1.0, ref_max)
     ):
-        failures.append(f"max abs {max_abs:.2e} > {spec.stages} x {FP32_MAX_ABS:g}")
+        failures.append(f"max abs {max_abs:.2e} > {FP32_MAX_ABS:g}")
     note = "; ".join(failures + notes)
     return ValidationRow(spec.name, precision, inputs, max_abs, max_rel, score, not bad, not failures, note)
 

@@ -47,47 +47,71 @@ def _segment(segmenter: Segmenter, frames: list[np.ndarray], threshold: float) -
 # Threads and queues
 
 
-def test_prefetch_keeps_order_and_reads_only_a_few_items_ahead() -> None:
+def _count(n: int) -> Iterator[int]:
+    yield from range(n)
+
+
+def test_prefetch_reads_files_on_several_threads_and_keeps_their_order() -> None:
+    active, most = 0, 0
+    lock = threading.Lock()
+
+    def produce(item: int) -> Iterator[tuple[int, int]]:
+        nonlocal active, most
+        with lock:
+            active += 1
+            most = max(most, active)
+        time.sleep(0.02 * (item % 3))  # later files often finish first
+        yield from ((item, frame) for frame in range(item % 4 + 1))
+        with lock:
+            active -= 1
+
+    with Prefetch(range(12), produce, workers=4, depth=2) as reader:
+        got = list(reader)
+    assert got == [(item, frame) for item in range(12) for frame in range(item % 4 + 1)]
+    assert most >= 2, "files are decoded side by side"
+
+
+def test_prefetch_reads_only_a_few_frames_ahead() -> None:
     produced: list[int] = []
 
-    def source() -> Iterator[int]:
-        for i in range(40):
-            produced.append(i)
-            yield i
+    def produce(item: int) -> Iterator[int]:
+        for frame in range(1000):
+            produced.append(frame)
+            yield frame
 
-    with Prefetch(source(), depth=3) as reader:
-        items = iter(reader)
-        first = next(items)
+    with Prefetch([0, 1, 2], produce, workers=2, depth=3) as reader:
+        frames = iter(reader)
+        next(frames)
         time.sleep(0.3)
-        assert len(produced) <= 1 + 3 + 1, "a long cine loop must not be read ahead whole"
-        rest = list(items)
-    assert [first, *rest] == list(range(40))
+        # Each of the two files in flight holds its queue and one frame in hand.
+        assert len(produced) <= 2 * (3 + 2), "a long cine loop must not be read ahead whole"
+        assert sum(1 for _ in frames) == 3 * 1000 - 1
 
 
-def test_prefetch_hands_the_sources_error_to_the_consumer() -> None:
-    def source() -> Iterator[int]:
-        yield from range(3)
-        raise ValueError("disk gone")
+def test_prefetch_hands_a_files_error_to_the_consumer_in_its_place() -> None:
+    def produce(item: int) -> Iterator[int]:
+        if item == 2:
+            raise ValueError("disk gone")
+        yield from _count(2)
 
-    with Prefetch(source(), depth=8) as reader:
-        seen = []
-        with pytest.raises(ValueError, match="disk gone"):
-            for item in reader:
-                seen.append(item)
-    assert seen == [0, 1, 2]
+    seen = []
+    with pytest.raises(ValueError, match="disk gone"), Prefetch(range(5), produce, workers=3) as reader:
+        for frame in reader:
+            seen.append(frame)
+    assert seen == [0, 1, 0, 1]
 
 
-def test_prefetch_close_stops_an_endless_source() -> None:
-    def endless() -> Iterator[int]:
+def test_prefetch_close_stops_endless_files() -> None:
+    def endless(item: int) -> Iterator[int]:
         i = 0
         while True:
             yield i
             i += 1
 
-    reader = Prefetch(endless(), depth=2)
+    reader = Prefetch(range(100), endless, workers=3, depth=2)
     assert next(iter(reader)) == 0
     reader.close()
-    assert not any(t.name == "gms-read" and t.is_alive() for t in threading.enumerate())
+    assert not any(t.name.startswith("gms-read") and t.is_alive() for t in threading.enumerate())
 
 
 def test_writer_runs_jobs_in_order_and_finishes_them_on_exit() -> None:
