@@ -130,27 +130,30 @@ def _resize_single_line(x: torch.Tensor, height: int, width: int) -> torch.Tenso
     return rows.index_select(2, top) * w0[:, None] + rows.index_select(2, bottom) * w1[:, None]
 
 
-def preprocess_frame(pixels: torch.Tensor, size: int) -> torch.Tensor:
-    """H x W x 3 uint8 (or float32 in [0, 1]) -> 3 x size x size float32 in [-1, 1].
+def preprocess_frames(pixels: torch.Tensor, size: int) -> torch.Tensor:
+    """... x H x W x 3 uint8 (or float32 in [0, 1]) -> ... x 3 x size x size float32 in [-1, 1].
 
     The same numerics as ``gms_deploy.preprocess.preprocess``: /255 in float32, the resize, 2x - 1.
+    Leading axes batch frames of one size into one resize, so a batch costs the kernels of a frame.
     """
     if pixels.dtype == torch.uint8:
         unit = _unit_table(pixels.device)[pixels.to(torch.int64)]
     else:
         unit = pixels.to(torch.float32)
-    resized = resize_linear(unit.permute(2, 0, 1)[None], size, size)[0]
+    planes = unit.reshape(-1, *unit.shape[-3:]).permute(0, 3, 1, 2)
+    resized = resize_linear(planes, size, size).reshape(*unit.shape[:-3], 3, size, size)
     return (2.0 * resized - 1.0).contiguous()
 
 
 def upsample_probs(prob: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """S x S float32 probabilities -> height x width, as ``gms_deploy.postprocess.upsample``.
+    """... x S x S float32 probabilities -> ... x height x width, as ``gms_deploy.postprocess.upsample``.
 
     The map itself where it already has that size, as the CPU path returns it unchanged.
     """
-    if tuple(prob.shape) == (height, width):
+    if tuple(prob.shape[-2:]) == (height, width):
         return prob
-    return resize_linear(prob.to(torch.float32)[None, None], height, width)[0, 0]
+    planes = prob.to(torch.float32).reshape(-1, 1, *prob.shape[-2:])
+    return resize_linear(planes, height, width).reshape(*prob.shape[:-2], height, width)
 
 
 def masks_from_probs(prob: torch.Tensor, threshold: float) -> torch.Tensor:

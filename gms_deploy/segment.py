@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from gms_deploy.backends.base import DeviceRunner, Runner
-from gms_deploy.device_ops import masks_from_probs, preprocess_frame, upsample_probs
+from gms_deploy.device_ops import masks_from_probs, preprocess_frames, upsample_probs
 from gms_deploy.postprocess import to_mask, upsample
 from gms_deploy.preprocess import preprocess
 
@@ -142,23 +142,25 @@ class FusedSegmenter(Segmenter):
         return buffer[:size]
 
     def network_inputs(self, batch: Sequence[np.ndarray]) -> torch.Tensor:
-        """One copy up for the whole batch; each frame's bytes start 16-aligned so float32 views work."""
+        """One copy up for the whole batch; each frame's bytes start 16-aligned so float32 views work.
+
+        Frames of one size and type (a cart's frames all are) are resized together.
+        """
         starts = np.cumsum([0] + [-(-frame.nbytes // ALIGN) * ALIGN for frame in batch])
         staging = self._host_buffer("frames", int(starts[-1]))
         host = staging.numpy()
         for frame, start in zip(batch, starts, strict=False):
             host[start : start + frame.nbytes] = frame.reshape(-1).view(np.uint8)
         on_device = staging.to(self.device, non_blocking=True)
+        frames = [
+            on_device[start : start + frame.nbytes].view(TORCH_DTYPES[frame.dtype]).view(frame.shape)
+            for frame, start in zip(batch, starts, strict=False)
+        ]
         size = self.runner.settings.image_size
-        return torch.stack(
-            [
-                preprocess_frame(
-                    on_device[start : start + frame.nbytes].view(TORCH_DTYPES[frame.dtype]).view(frame.shape),
-                    size,
-                )
-                for frame, start in zip(batch, starts, strict=False)
-            ]
-        )
+        images = torch.empty((len(batch), 3, size, size), device=self.device)
+        for indices in _alike(batch):
+            images[indices] = preprocess_frames(torch.stack([frames[i] for i in indices]), size)
+        return images
 
     def network(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.runner.forward(inputs).float()
@@ -166,10 +168,12 @@ class FusedSegmenter(Segmenter):
     def masks(
         self, probs: torch.Tensor, batch: Sequence[np.ndarray], threshold: float, keep_prob: bool
     ) -> list[Segmentation]:
-        masks = [
-            masks_from_probs(upsample_probs(prob, *frame.shape[:2]), threshold).to(torch.uint8).reshape(-1)
-            for prob, frame in zip(probs, batch, strict=True)
-        ]
+        masks: list[torch.Tensor] = [torch.empty(0)] * len(batch)
+        for indices in _alike(batch):
+            height, width = batch[indices[0]].shape[:2]
+            resized = upsample_probs(probs[indices], height, width)
+            for i, mask in zip(indices, masks_from_probs(resized, threshold).to(torch.uint8), strict=True):
+                masks[i] = mask.reshape(-1)
         flat = torch.cat(masks)
         staging = self._host_buffer("masks", flat.numel())
         staging.copy_(flat, non_blocking=True)
@@ -181,6 +185,14 @@ class FusedSegmenter(Segmenter):
             Segmentation(piece.numpy().reshape(frame.shape[:2]).astype(bool), prob)
             for piece, frame, prob in zip(pieces, batch, kept, strict=True)
         ]
+
+
+def _alike(batch: Sequence[np.ndarray]) -> list[list[int]]:
+    """Indices of the batch's frames grouped by shape and type, in order of first appearance."""
+    groups: dict[tuple[tuple[int, ...], np.dtype], list[int]] = {}
+    for i, frame in enumerate(batch):
+        groups.setdefault((frame.shape, frame.dtype), []).append(i)
+    return list(groups.values())
 
 
 def segmenter_for(runner: Runner, fused: bool | None = None) -> Segmenter:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import cv2_with_ipp
 
-from gms_deploy.device_ops import _fma, masks_from_probs, preprocess_frame, resize_linear, upsample_probs
+from gms_deploy.device_ops import _fma, masks_from_probs, preprocess_frames, resize_linear, upsample_probs
 from gms_deploy.postprocess import to_mask, upsample
 from gms_deploy.preprocess import preprocess
 
@@ -125,13 +125,13 @@ def test_fma_rounds_once_where_float64_would_round_twice() -> None:
 
 @cv2_with_ipp
 @pytest.mark.parametrize("shape", [(300, 260), (480, 640), (448, 448), (224, 224), (500, 30), (3, 500)])
-def test_preprocess_frame_is_preprocess(shape: tuple[int, int]) -> None:
+def test_preprocess_frames_is_preprocess(shape: tuple[int, int]) -> None:
     rgb = np.random.default_rng(shape[0]).integers(0, 256, (*shape, 3), dtype=np.uint8)
-    ours = preprocess_frame(torch.from_numpy(rgb), 224)
+    ours = preprocess_frames(torch.from_numpy(rgb), 224)
     assert ours.dtype == torch.float32 and ours.is_contiguous()
     assert np.array_equal(ours.numpy(), preprocess(rgb, 224))
     unit = rgb.astype(np.float32) / 255.0
-    assert np.array_equal(preprocess_frame(torch.from_numpy(unit), 224).numpy(), preprocess(unit, 224))
+    assert np.array_equal(preprocess_frames(torch.from_numpy(unit), 224).numpy(), preprocess(unit, 224))
 
 
 @cv2_with_ipp
@@ -157,8 +157,8 @@ def test_threshold_is_strict_in_float32() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_matches_cpu() -> None:
     rgb = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8))
-    cpu = preprocess_frame(rgb, 224)
-    gpu = preprocess_frame(rgb.cuda(), 224).cpu()
+    cpu = preprocess_frames(rgb, 224)
+    gpu = preprocess_frames(rgb.cuda(), 224).cpu()
     assert torch.allclose(gpu, cpu, rtol=0, atol=1e-6)
     prob = torch.rand(224, 224)
     cpu_up = upsample_probs(prob, 300, 260)

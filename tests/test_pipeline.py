@@ -146,7 +146,7 @@ def test_fused_segmenter_on_the_cpu_gives_the_host_paths_masks(
     runner = TorchRunner(tiny_bundle)
     host, fused = segmenter_for(runner), segmenter_for(runner, fused=True)
     assert isinstance(host, HostSegmenter) and isinstance(fused, FusedSegmenter)
-    frames = _frames()
+    frames = _frames() + [np.flipud(f).copy() for f in _frames()[:3]]  # frames of one size go together
     reference = _segment(host, frames, 0.5)
     # A threshold inside the tiny model's range, so that masks are neither empty nor full.
     threshold = float(np.median(np.concatenate([r.prob.ravel() for r in reference])))
