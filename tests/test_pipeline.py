@@ -17,16 +17,19 @@ import pytest
 import torch
 from conftest import cv2_with_ipp
 from PIL import Image
+from typer.testing import CliRunner
 
 from gms_deploy.backends import BackendError, open_auto, open_runner
 from gms_deploy.backends.torch_eager import TorchRunner
 from gms_deploy.bundle import ModelBundle, demo_bundle
+from gms_deploy.cli import app
 from gms_deploy.infer import InferOptions, run_inference
 from gms_deploy.io.images import read_image
 from gms_deploy.metrics import dice
 from gms_deploy.segment import FusedSegmenter, HostSegmenter, Segmenter, segmenter_for
 from gms_deploy.stream import Prefetch, Writer
 
+cli = CliRunner()
 SAMPLES = Path(__file__).resolve().parents[1] / "gms_deploy" / "data" / "samples" / "images"
 
 
@@ -309,3 +312,19 @@ def test_torch_compiled_fp16_on_the_gpu_agrees_with_eager_fp32() -> None:
 def test_auto_on_a_gpu_takes_torch_compiled_for_weights(tiny_bundle: ModelBundle) -> None:
     runner, why = open_auto(tiny_bundle.vae.parent)
     assert runner.name == "torch-compiled" and why.startswith("auto chose torch-compiled on cuda")
+
+
+def test_cli_says_which_backend_auto_took_and_refuses_what_cannot_run(
+    tiny_bundle: ModelBundle, tmp_path: Path
+) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU auto takes a GPU backend")
+    image = sorted(SAMPLES.iterdir())[0]
+    model = str(tiny_bundle.vae.parent)
+    result = cli.invoke(app, ["infer", str(image), "--out", str(tmp_path / "a"), "--model", model])
+    assert result.exit_code == 0, result.output
+    assert "auto chose torch on cpu; passed over tensorrt: needs a CUDA GPU" in result.output
+    args = ["infer", str(image), "--out", str(tmp_path / "b"), "--model", model, "--precision", "fp16"]
+    result = cli.invoke(app, args)
+    assert result.exit_code == 2 and "torch on cpu: torch FP16 needs a CUDA GPU" in result.output
+    assert not (tmp_path / "b").exists()
