@@ -7,11 +7,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PIP_PLATFORM=(--only-binary=:all: --python-version 3.12 --implementation cp
+    --platform manylinux_2_35_x86_64 --platform manylinux_2_34_x86_64 --platform manylinux_2_31_x86_64
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
     --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
 # What the GPU image (PyTorch 2.11, onnx, onnxruntime, opencv, typer, matplotlib, ...) does not have.
 NAMES=(diffusers pydicom nvidia-modelopt pydantic pydantic-core annotated-types typing-inspection
-    omegaconf onnx-graphsurgeon polygraphy onnxslim lief tensorrt-rtx-cu13-bindings tensorrt-rtx-cu13-libs)
+    omegaconf onnx-graphsurgeon polygraphy onnxslim lief pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg
+    pylibjpeg-rle tensorrt-rtx-cu13-bindings tensorrt-rtx-cu13-libs)
 version() { .venv/bin/python -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$1"; }
 
 rm -rf .whl && mkdir -p .whl/1 .whl/2 .whl/3 .whl/download
