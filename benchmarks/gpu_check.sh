@@ -14,24 +14,29 @@
 # The same script runs on a machine without a GPU (GPU tests skip, bench times the CPU), which is how
 # it is checked here; BENCH_ARGS adds `gms-deploy bench` options (e.g. "--iterations 5").
 set -uo pipefail
+shopt -s nullglob
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out/gpu_check}
 WORK=${GPU_CHECK_WORK:-/tmp/gms-gpu-check}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT" "$WORK"
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
-export PYTHONUNBUFFERED=1 PYTHONPATH="$WORK/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
 
 setup() {
-    if compgen -G ".whl/3/*.whl" >/dev/null; then
-        local parts=(.whl/1/*.part1)
-        if [ -e "${parts[0]}" ]; then
-            local name; name=$(basename "${parts[0]}" .part1)
-            cat ".whl/1/$name.part1" ".whl/2/$name.part2" > "$WORK/$name" || return 1
-        fi
+    local part name
+    for part in .whl/1/*.part1; do
+        name=$(basename "$part" .part1)
+        cat "$part" ".whl/2/$name.part2" > "$WORK/$name" || return 1
+    done
+    local wheels=(.whl/3/*.whl "$WORK"/*.whl)
+    if [ ${#wheels[@]} -gt 0 ]; then
         $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-            --target "$WORK/site" .whl/3/*.whl "$WORK"/*.whl || return 1
+            --target "$WORK/site" "${wheels[@]}" || return 1
     fi
+    # This checkout too, so that its version is recorded (setuptools is in the image).
+    $PY -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --upgrade \
+        --target "$WORK/site" . || return 1
     {
         date -u +"%Y-%m-%dT%H:%M:%SZ"
         nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1

@@ -14,7 +14,6 @@ import shutil
 import subprocess
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import torch
 
 from gms_deploy.bench import BenchRecord
 from gms_deploy.io.outputs import write_atomic
+from gms_deploy.versions import installed
 
 
 def _number(spec: str, value: float | None) -> str:
@@ -78,7 +78,7 @@ def environment() -> dict[str, Any]:
     gpu = torch.cuda.is_available()
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "gms_deploy": metadata.version("gms-deploy"),
+        "gms_deploy": installed("gms-deploy"),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu": _cpu_model(),

@@ -41,7 +41,6 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from functools import partial
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -53,6 +52,7 @@ from torch import nn
 from gms_deploy.bundle import ModelBundle, Settings
 from gms_deploy.model.gms import GMSModel
 from gms_deploy.preprocess import preprocess
+from gms_deploy.versions import installed
 
 if TYPE_CHECKING:
     from gms_deploy.validate import ValidationReport
@@ -482,13 +482,7 @@ def image_batch(images: list[np.ndarray], size: int) -> np.ndarray:
 
 
 def package_versions() -> dict[str, str | None]:
-    versions: dict[str, str | None] = {}
-    for name in VERSIONED_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
+    return {name: installed(name) for name in VERSIONED_PACKAGES}
 
 
 def _record(graph: Graph, precision: str, path: Path, external: list[str]) -> GraphFile:
