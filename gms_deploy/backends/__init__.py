@@ -89,7 +89,7 @@ def open_auto(
     passed: list[str] = []
     for backend in AUTO_ORDER:
         if backend in GPU_ONLY and not chosen.startswith("cuda"):
-            passed.append(f"{backend}: needs a CUDA GPU")
+            passed.append(f"{backend}: needs a CUDA GPU, device is {chosen}")
             continue
         if (backend in EXPORT_BACKENDS) != exported:
             passed.append(
