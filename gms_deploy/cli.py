@@ -54,7 +54,8 @@ def infer(
     ] = "auto",
     device: Annotated[str, typer.Option(help="auto (a GPU if there is one), cpu or cuda[:N].")] = "auto",
     precision: Annotated[
-        str | None, typer.Option(help="fp32 or fp16; default: the backend's own (fp16 on GPUs).")
+        str | None,
+        typer.Option(help="fp32 or fp16; default: FP32 for torch and on a CPU, FP16 for the GPU backends."),
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 4,
     readers: Annotated[int, typer.Option("--readers", min=1, help="Files decoded at once.")] = READERS,
