@@ -1,18 +1,18 @@
 """Probability map -> mask at the frame's own size, and the mask's area.
 
 The network sees a square ``image_size`` input whatever the frame's shape; the probability map is
-resized back bilinearly (the same OpenCV function as preprocessing) and only then thresholded, so
-a mask edge falls where the probability crosses the threshold, not on the 224 grid.
+resized back bilinearly (the same resize as preprocessing) and only then thresholded, so a mask
+edge falls where the probability crosses the threshold, not on the 224 grid.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import cv2
 import numpy as np
 
 from gms_deploy.io.frames import UltrasoundRegion
+from gms_deploy.resize import resize
 
 Box = tuple[int, int, int, int]
 
@@ -20,7 +20,7 @@ Box = tuple[int, int, int, int]
 def upsample(prob: np.ndarray, height: int, width: int) -> np.ndarray:
     if prob.shape == (height, width):
         return prob
-    return cv2.resize(prob.astype(np.float32, copy=False), (width, height), interpolation=cv2.INTER_LINEAR)
+    return resize(prob.astype(np.float32, copy=False), height, width)
 
 
 def to_mask(prob: np.ndarray, threshold: float) -> np.ndarray:

@@ -18,8 +18,8 @@ SHARED = ROOT.parent / "shared"
 PARITY = SHARED / "fixtures" / "official_parity"
 REFERENCE = SHARED / "reference"
 
-# The premise of device_ops' numerics: without IPP (switched off, or an ARM wheel) OpenCV's own loop
-# runs, whose float32 coordinates make the CPU path differ from the fused GPU path by up to ~1e-5.
+# Tests that compare gms_deploy.resize with cv2.resize itself: without IPP (switched off, or an ARM
+# wheel) OpenCV runs its own loop, whose float32 coordinates round otherwise (up to ~1e-5).
 cv2_with_ipp = pytest.mark.skipif(
     not cv2.ipp.useIPP(), reason="this OpenCV resizes without IPP, whose numerics device_ops reproduces"
 )

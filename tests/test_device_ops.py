@@ -10,9 +10,10 @@ import pytest
 import torch
 from conftest import cv2_with_ipp
 
-from gms_deploy.device_ops import _fma, masks_from_probs, preprocess_frames, resize_linear, upsample_probs
+from gms_deploy.device_ops import masks_from_probs, preprocess_frames, upsample_probs
 from gms_deploy.postprocess import to_mask, upsample
 from gms_deploy.preprocess import preprocess
+from gms_deploy.resize import _fma, resize_linear
 
 # (src height, src width, dst height, dst width): the fixture's 300 x 260 -> 224, up- and downscales
 # by non-integer ratios, exact 2x downscales (IPP takes them before OpenCV's INTER_AREA shortcut),
@@ -123,7 +124,6 @@ def test_fma_rounds_once_where_float64_would_round_twice() -> None:
     assert _fma(t, d, a).tolist() == [1 + 2.0**-23, -(1 + 2.0**-23)]
 
 
-@cv2_with_ipp
 @pytest.mark.parametrize("shape", [(300, 260), (480, 640), (448, 448), (224, 224), (500, 30), (3, 500)])
 def test_preprocess_frames_is_preprocess(shape: tuple[int, int]) -> None:
     rgb = np.random.default_rng(shape[0]).integers(0, 256, (*shape, 3), dtype=np.uint8)
@@ -134,7 +134,6 @@ def test_preprocess_frames_is_preprocess(shape: tuple[int, int]) -> None:
     assert np.array_equal(preprocess_frames(torch.from_numpy(unit), 224).numpy(), preprocess(unit, 224))
 
 
-@cv2_with_ipp
 @pytest.mark.parametrize("frame", [(300, 260), (480, 640), (112, 112), (224, 224), (57, 1000)])
 def test_masks_are_the_cpu_masks(frame: tuple[int, int]) -> None:
     # A smooth map with many pixels near the threshold, like a decoded probability.
@@ -167,3 +166,21 @@ def test_gpu_matches_cpu() -> None:
     undecided = (cpu_up - 0.5).abs() <= 1e-6
     agree = masks_from_probs(gpu_up, 0.5) == masks_from_probs(cpu_up, 0.5)
     assert (agree | undecided).all()
+
+
+@cv2_with_ipp
+@pytest.mark.parametrize("shape", [(300, 260), (480, 640), (3, 500)])
+def test_without_ipp_the_cpu_path_keeps_the_official_numerics(shape: tuple[int, int]) -> None:
+    """Where OpenCV runs its own loop (ARM wheels, IPP off), preprocessing falls back to torch."""
+    rgb = np.random.default_rng(2).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    prob = np.random.default_rng(3).random((224, 224), dtype=np.float32)
+    unit = rgb.astype(np.float32) / 255
+    with_ipp, ipp_resize = (preprocess(rgb, 224), upsample(prob, *shape)), _cv2_resize(unit, 224, 224)
+    cv2.ipp.setUseIPP(False)
+    try:
+        own_loop = _cv2_resize(unit, 224, 224)
+        without = preprocess(rgb, 224), upsample(prob, *shape)
+    finally:
+        cv2.ipp.setUseIPP(True)
+    assert not np.array_equal(own_loop, ipp_resize), "OpenCV's own loop rounds otherwise"
+    assert np.array_equal(without[0], with_ipp[0]) and np.array_equal(without[1], with_ipp[1])

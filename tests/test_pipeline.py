@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import cv2_with_ipp
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -142,7 +141,6 @@ def test_writer_raises_a_failed_jobs_error_and_runs_nothing_after_it() -> None:
 # The fused path against the host path
 
 
-@cv2_with_ipp
 def test_fused_segmenter_on_the_cpu_gives_the_host_paths_masks(
     tiny_bundle: ModelBundle, one_thread: None
 ) -> None:
@@ -217,7 +215,6 @@ def folder(tmp_path: Path) -> Path:
     return root
 
 
-@cv2_with_ipp
 def test_fused_and_host_runs_write_the_same_masks_in_input_order(
     folder: Path, tiny_bundle: ModelBundle, tmp_path: Path, one_thread: None
 ) -> None:
