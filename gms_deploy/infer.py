@@ -210,7 +210,12 @@ def _file_events(source: Source, segmenter: Segmenter, options: InferOptions) ->
             break
         if frame is None:
             break
-        yield _prepare(frame, segmenter, options, start)
+        try:
+            event: _Event = _prepare(frame, segmenter, options, start)
+        except Exception as err:  # a frame the reader took but preparing it failed: it alone fails
+            message = f"{frame.source}: cannot prepare frame {frame.index or 0}: {_one_line(err)}"
+            event = _Failed(frame.source, frame.index, message)
+        yield event
     yield _FileDone()
 
 

@@ -325,3 +325,31 @@ def test_cli_says_which_backend_auto_took_and_refuses_what_cannot_run(
     result = cli.invoke(app, args)
     assert result.exit_code == 2 and "torch on cpu: torch FP16 needs a CUDA GPU" in result.output
     assert not (tmp_path / "b").exists()
+
+
+class _HugeFrameRefused(HostSegmenter):
+    """Fault injection: preparing the 40 x 50 frame runs out of host memory."""
+
+    def prepare(self, pixels: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+        if pixels.shape[:2] == (40, 50):
+            raise MemoryError("Unable to allocate 1.2 TiB for an array")
+        return super().prepare(pixels)
+
+
+def test_a_frame_that_cannot_be_prepared_fails_alone(tiny_bundle: ModelBundle, tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(rng.integers(0, 255, (30, 20, 3), dtype=np.uint8)).save(tmp_path / "b.png")
+    runner = TorchRunner(tiny_bundle)
+    out = tmp_path / "out"
+    report = run_inference(
+        [tmp_path / "a.png", tmp_path / "b.png"],
+        runner,
+        InferOptions(out),
+        segmenter=_HugeFrameRefused(runner),
+    )
+    assert report.frames == 1 and report.files == 2
+    assert report.failures == [
+        f"{tmp_path / 'a.png'}: cannot prepare frame 0: MemoryError: Unable to allocate 1.2 TiB for an array"
+    ]
+    assert (out / "b_mask.png").is_file() and not (out / "a_mask.png").exists()
