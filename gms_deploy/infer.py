@@ -125,7 +125,7 @@ class _Ledger:
         frame = item.frame
         try:
             area_px, area = _write(item, result)
-        except OSError as err:
+        except Exception as err:  # a full disk, or a frame its overlay cannot be drawn on: it alone fails
             message = f"{frame.source}: cannot write outputs: {_one_line(err)}"
             self.fail(_Failed(frame.source, frame.index, message))
             return
