@@ -8,8 +8,9 @@ TensorRT variant runs the fused pipeline, so its speed-up counts what fusing sav
 
 A batch is timed end to end as a user's frames go through it (``prepare`` per frame, then
 ``segment``); on a GPU with CUDA events after a synchronise, so the figure is what the GPU did,
-not when Python asked. A second pass times the phases apart (pre, network, post, and encoder, mapper and decoder where the
-runner exposes them); a third compares masks and probabilities with the baseline's.
+not when Python asked. A second pass times the phases apart (pre, network, post, and encoder,
+mapper and decoder where the runner exposes them); a third compares masks and probabilities with
+the baseline's.
 
 What cannot run here is an error only when the user asked for that backend; otherwise it is
 listed as skipped with its reason, so a CPU-only laptop and an H100 run the same command.
