@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from gms_deploy.backends import BackendError
@@ -140,3 +141,19 @@ def test_cli_refuses_what_cannot_run(tiny_bundle: ModelBundle, flags: list[str],
 def test_explicit_unavailable_backend_raises_before_timing(tiny_bundle: ModelBundle) -> None:
     with pytest.raises(BackendError, match="needs a CUDA GPU"):
         run_bench(BenchConfig(model=tiny_bundle.vae.parent, backends=("tensorrt",), device="cpu"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_records_memory_roofline_and_fused_agreement(tiny_bundle: ModelBundle) -> None:
+    """Eager FP32 (host OpenCV, as the official code) against eager FP16 and compiled, fused on the GPU."""
+    config = BenchConfig(
+        model=tiny_bundle.vae.parent, batch_sizes=(1, 4), device="cuda", warmup=2, iterations=3
+    )
+    records = _ran(run_bench(config))
+    assert {r.backend for r in records} >= {"torch", "torch-compiled"}
+    for r in records:
+        assert r.device.startswith("cuda") and r.peak_gpu_mem_mib is not None and r.peak_gpu_mem_mib > 0
+        assert r.achieved_tflop_s is not None and r.achieved_tflop_s > 0
+        assert r.dice_min is not None and r.dice_min >= 0.99
+        assert {"pre", "network", "post", "encoder", "mapper", "decoder"} <= set(r.stages_ms)
+    assert "TFLOP/s" in format_table(records)
