@@ -49,6 +49,7 @@ import onnx
 import torch
 from torch import nn
 
+from gms_deploy.backends.base import EXPORT_MANIFEST
 from gms_deploy.bundle import ModelBundle, Settings
 from gms_deploy.model.gms import GMSModel
 from gms_deploy.preprocess import preprocess
@@ -59,7 +60,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
+MANIFEST = EXPORT_MANIFEST
 FORMAT = "gms-deploy-onnx"
 FORMAT_VERSION = 1
 OPSET = 17

@@ -7,6 +7,8 @@ code a GPU runs), and GPU faults are injected by runners that raise what CUDA wo
 from __future__ import annotations
 
 import csv
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -353,3 +355,21 @@ def test_a_frame_that_cannot_be_prepared_fails_alone(tiny_bundle: ModelBundle, t
         f"{tmp_path / 'a.png'}: cannot prepare frame 0: MemoryError: Unable to allocate 1.2 TiB for an array"
     ]
     assert (out / "b_mask.png").is_file() and not (out / "a_mask.png").exists()
+
+
+def test_infer_runs_without_the_optional_extras(tmp_path: Path) -> None:
+    """A plain `pip install gms-deploy` has no onnx, onnxruntime, TensorRT or matplotlib."""
+    blocker = """
+import sys
+for name in ("onnx", "onnxruntime", "onnxscript", "tensorrt", "tensorrt_rtx", "modelopt", "polygraphy",
+             "onnx_graphsurgeon", "matplotlib"):
+    sys.modules[name] = None  # how Python marks a module that cannot be imported
+from gms_deploy.cli import main
+sys.argv = ["gms-deploy", "infer", sys.argv[1], "--out", sys.argv[2]]
+main()
+"""
+    image = sorted(SAMPLES.iterdir())[0]
+    command = [sys.executable, "-c", blocker, str(image), str(tmp_path / "out")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "auto chose torch" in done.stderr and (tmp_path / "out" / f"{image.stem}_mask.png").is_file()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gms_deploy.backends.base import BackendError, DeviceRunner, Runner
+from gms_deploy.backends.base import EXPORT_MANIFEST, BackendError, DeviceRunner, Runner
 from gms_deploy.bundle import ModelBundle, demo_bundle
 from gms_deploy.model.checkpoints import CheckpointError
 
@@ -82,10 +82,8 @@ def open_auto(
     only for weights, the GPU-only ones only on a GPU. ONNX Runtime falls back to its CPU provider
     where it has no CUDA one. A candidate that fails to open is passed over with its own reason.
     """
-    from gms_deploy.onnx_export import MANIFEST
-
     chosen = resolve_device(device)
-    exported = model is not None and (model / MANIFEST).is_file()
+    exported = model is not None and (model / EXPORT_MANIFEST).is_file()
     passed: list[str] = []
     for backend in AUTO_ORDER:
         if backend in GPU_ONLY and not chosen.startswith("cuda"):

@@ -20,6 +20,9 @@ import torch
 
 from gms_deploy.bundle import Settings
 
+# What marks a `gms-deploy export` folder; here so that choosing a backend needs no onnx import.
+EXPORT_MANIFEST = "manifest.json"
+
 
 class BackendError(Exception):
     """A backend that cannot run here or cannot load its model; ``str()`` is one line."""
