@@ -4,7 +4,8 @@ A *variant* is a backend at one precision on one device (or ONNX Runtime provide
 FP32 is the baseline: it always runs first, at every image and batch size, because every other
 variant's speed-up and accuracy are measured against it on the very same batch. It runs as the
 official code does, with OpenCV on the host around the network; on a GPU every other torch or
-TensorRT variant runs the fused pipeline, so its speed-up counts what fusing saves as well.
+TensorRT variant runs the fused pipeline, eager FP32 once more among them, so what fusing saves
+and what lower precision and compilers save show apart.
 
 A batch is timed end to end as a user's frames go through it (``prepare`` per frame, then
 ``segment``); on a GPU with CUDA events after a synchronise, so the figure is what the GPU did,
@@ -47,6 +48,7 @@ BENCH_BACKENDS = (*TORCH_BACKENDS, "onnxruntime", "tensorrt")
 # Dense FP16 tensor-core peaks in TFLOP/s (datasheets), the most specific name first.
 FP16_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0}
 
+FUSED = "fused"
 T = TypeVar("T")
 Progress = Callable[[int, int, str], None]
 """``progress(done, total, what runs next)``."""
@@ -57,13 +59,15 @@ class Variant:
     backend: str
     precision: str
     device: str
+    pipeline: str = "host"
+    """``host`` (OpenCV around the network) or ``fused`` (everything on the device: ``segment.py``)."""
 
     @property
     def label(self) -> str:
-        return f"{self.backend} {self.precision} {self.device}"
+        return self.record().label
 
     def record(self, **fields: Any) -> BenchRecord:
-        return BenchRecord(self.backend, self.precision, self.device, **fields)
+        return BenchRecord(self.backend, self.precision, self.device, self.pipeline, **fields)
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,7 @@ class BenchRecord:
     backend: str
     precision: str
     device: str
+    pipeline: str = "host"
     image_size: int | None = None
     batch_size: int | None = None
     status: str = "ok"
@@ -117,6 +122,10 @@ class BenchRecord:
     achieved_tflop_s: float | None = None
     roofline_pct: float | None = None
     """Of the GPU's dense FP16 peak, where it is known (``FP16_PEAK_TFLOPS``)."""
+
+    @property
+    def label(self) -> str:
+        return f"{self.backend} {self.precision} {self.device} {self.pipeline}"
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -179,8 +188,7 @@ def run_bench(config: BenchConfig, progress: Progress | None = None) -> list[Ben
     references: dict[tuple[int, int], _Reference] = {}
     for variant, size in steps:
         runner = _open(variant, bundle, config.export, size)
-        # The baseline runs as the official code does: OpenCV on the host around eager PyTorch.
-        segmenter = segmenter_for(runner, fused=False if variant == baseline else None)
+        segmenter = segmenter_for(runner, fused=variant.pipeline == "fused")
         gflop = _gflop_per_image(runner, size) if variant == baseline else None
         for batch_size in batch_sizes:
             if progress:
@@ -256,11 +264,12 @@ def _candidates(config: BenchConfig, device: torch.device) -> list[tuple[Variant
     ort_cpu_note = opt_in("onnxruntime", "its CPU provider is slow beside a GPU") if gpu else None
     return [
         (_baseline(device), None),
-        (Variant("torch", "fp16", cuda), gpu_only),
-        (Variant("torch-compiled", "fp16" if gpu else "fp32", here), compile_note),
+        (Variant("torch", "fp32", cuda, FUSED), gpu_only),  # what fusing alone saves
+        (Variant("torch", "fp16", cuda, FUSED), gpu_only),
+        (Variant("torch-compiled", "fp16" if gpu else "fp32", here, FUSED if gpu else "host"), compile_note),
         (Variant("onnxruntime", "fp32", "cpu"), no_export or ort_cpu_note),
         (Variant("onnxruntime", "fp16", cuda), gpu_only or no_export),
-        (Variant("tensorrt", "fp16", cuda), gpu_only or no_export),
+        (Variant("tensorrt", "fp16", cuda, FUSED), gpu_only or no_export),
     ]
 
 
@@ -302,6 +311,7 @@ def _available(
 
 
 def _baseline(device: torch.device) -> Variant:
+    """Eager FP32 as the official code runs it: OpenCV on the host around the network."""
     return Variant("torch", "fp32", str(device))
 
 

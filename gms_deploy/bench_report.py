@@ -36,6 +36,7 @@ COLUMNS: list[tuple[str, Callable[[BenchRecord], str]]] = [
     ("backend", lambda r: r.backend),
     ("prec", lambda r: r.precision),
     ("device", lambda r: r.device),
+    ("pipeline", lambda r: r.pipeline),
     ("size", lambda r: str(r.image_size)),
     ("batch", lambda r: str(r.batch_size)),
     ("p50 ms", lambda r: _number(".2f", r.latency_ms_p50)),
@@ -69,7 +70,7 @@ def format_table(records: Sequence[BenchRecord]) -> str:
         if r.status != "ok":
             at = f" at {r.image_size} px" if r.image_size else ""
             at += f", batch {r.batch_size}" if r.batch_size else ""
-            lines.append(f"skipped {r.backend} {r.precision} {r.device}{at}: {r.reason}")
+            lines.append(f"skipped {r.label}{at}: {r.reason}")
     return "\n".join(lines)
 
 
@@ -147,7 +148,9 @@ def plot(path: Path, records: Sequence[BenchRecord]) -> None:
     lines: dict[str, list[BenchRecord]] = {}
     for r in records:
         if r.status == "ok":
-            lines.setdefault(f"{r.backend} {r.precision} {r.device} {r.image_size}px", []).append(r)
+            lines.setdefault(
+                f"{r.backend} {r.precision} {r.device} {r.pipeline} {r.image_size}px", []
+            ).append(r)
     sizes = sorted({r.batch_size for points in lines.values() for r in points if r.batch_size})
     figure = Figure(figsize=(11, 4.5), layout="constrained")
     latency, throughput = figure.subplots(1, 2)

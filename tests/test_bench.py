@@ -29,7 +29,7 @@ def _ran(records: list[BenchRecord]) -> list[BenchRecord]:
 
 
 def _skipped(records: list[BenchRecord]) -> dict[str, str]:
-    return {f"{r.backend} {r.precision} {r.image_size}": r.reason or "" for r in records if r.status != "ok"}
+    return {f"{r.label} {r.image_size}": r.reason or "" for r in records if r.status != "ok"}
 
 
 @pytest.fixture(scope="module")
@@ -69,14 +69,14 @@ def test_baseline_records(torch_records: list[BenchRecord]) -> None:
 
 def test_unrequested_unavailable_variants_are_listed_as_skipped(torch_records: list[BenchRecord]) -> None:
     skipped = _skipped(torch_records)
-    assert "compiling on a CPU" in skipped["torch-compiled fp32 None"]
-    assert "--export DIR" in skipped["onnxruntime fp32 None"]
-    assert (
-        "needs a CUDA GPU" in skipped["torch fp16 None"]
-        and "needs a CUDA GPU" in skipped["tensorrt fp16 None"]
+    assert "compiling on a CPU" in skipped["torch-compiled fp32 cpu host None"]
+    assert "--export DIR" in skipped["onnxruntime fp32 cpu host None"]
+    assert all(
+        "needs a CUDA GPU" in skipped[f"{variant} cuda fused None"]
+        for variant in ("torch fp32", "torch fp16", "tensorrt fp16")
     )
     table = format_table(torch_records)
-    assert "p50 ms" in table and "skipped tensorrt fp16 cuda: needs a CUDA GPU" in table
+    assert "p50 ms" in table and "skipped tensorrt fp16 cuda fused: needs a CUDA GPU" in table
     assert "TFLOP/s" not in table  # the roofline columns are for GPU runs
 
 
@@ -96,7 +96,7 @@ def test_onnxruntime_against_eager(ort_records: list[BenchRecord]) -> None:
         assert ort.speedup_vs_eager == pytest.approx(eager.latency_ms_p50 / ort.latency_ms_p50)  # type: ignore[operator]
         assert set(ort.stages_ms) == {"pre", "network", "post"}  # one fused graph: no per-stage calls
     skipped = _skipped(ort_records)
-    assert "exported at 32 x 32" in skipped["onnxruntime fp32 48"]
+    assert "exported at 32 x 32" in skipped["onnxruntime fp32 cpu host 48"]
     assert not any(name.startswith(("torch ", "torch-compiled", "tensorrt")) for name in skipped)  # not asked
 
 
@@ -151,6 +151,10 @@ def test_gpu_records_memory_roofline_and_fused_agreement(tiny_bundle: ModelBundl
     )
     records = _ran(run_bench(config))
     assert {r.backend for r in records} >= {"torch", "torch-compiled"}
+    assert {(r.precision, r.pipeline) for r in records if r.backend == "torch"} >= {
+        ("fp32", "host"),
+        ("fp32", "fused"),
+    }
     for r in records:
         assert r.device.startswith("cuda") and r.peak_gpu_mem_mib is not None and r.peak_gpu_mem_mib > 0
         assert r.achieved_tflop_s is not None and r.achieved_tflop_s > 0
