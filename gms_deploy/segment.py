@@ -1,12 +1,13 @@
 """Frames in, masks out: the two ways a batch goes through a runner.
 
-``HostSegmenter`` is the reference path: OpenCV preprocessing and postprocessing on the CPU around
-any runner, numpy in and out. ``FusedSegmenter`` keeps everything between the uint8 frame and the
+``HostSegmenter`` is the reference path: ``preprocess`` and ``postprocess`` on the CPU around any
+runner, numpy in and out. ``FusedSegmenter`` keeps everything between the uint8 frame and the
 uint8 mask on the runner's device: frames go up through one pinned staging buffer, are converted,
-resized and normalised there with OpenCV's numerics (``device_ops``), run through the network,
-resized back to each frame's size and thresholded, and only the masks come down. Both give the
-same masks; the fused one is what makes a GPU worth having, since a 224 x 224 batch spends longer
-in host preprocessing and copies than in TensorRT.
+resized and normalised there (``device_ops``), run through the network, resized back to each
+frame's size and thresholded, and only the masks come down. Both resize with ``gms_deploy.resize``,
+so both give the same masks; the fused one saves the host work and the copies of float tensors
+that the host path spends around a GPU network (how much: ``gms-deploy bench``'s pre and post
+columns, not yet measured on a GPU).
 
 Both split a batch that does not fit in GPU memory and keep to the size that fitted.
 """
@@ -95,7 +96,7 @@ class Segmenter(ABC):
 
 
 class HostSegmenter(Segmenter):
-    """OpenCV on the CPU around any runner: the official numerics, by construction."""
+    """Pre- and postprocessing on the CPU around any runner: the official numerics, by construction."""
 
     def prepare(self, pixels: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
         return preprocess(pixels, self.runner.settings.image_size), pixels.shape[:2]

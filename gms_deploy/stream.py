@@ -4,8 +4,8 @@
 ahead of its consumer and in input order; ``Writer`` runs jobs (PNG encoding, atomic writes, the
 results table) one at a time in submission order, so ``results.csv`` lists frames in input order.
 Both queues are bounded: a long cine loop streams through in batches and never sits in memory
-whole, and a slow disk holds the GPU back instead of filling memory. Decoders, OpenCV and zlib
-release the GIL, which is what makes threads (not processes) enough here.
+whole, and a slow disk holds the GPU back instead of filling memory. Threads rather than
+processes: decoders, OpenCV and zlib release the GIL in their C code, and frames need no pickling.
 """
 
 from __future__ import annotations

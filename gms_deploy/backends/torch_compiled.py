@@ -2,9 +2,10 @@
 
 Autocast rather than a half model: convolutions and attention run in FP16 while GroupNorm, which
 sees the VAE's large activations, stays in FP32 (autocast's own list), so no layer needs hand
-marking. ``reduce-overhead`` compiles with CUDA graphs, one per batch size, which at batch 1 removes
-most of eager PyTorch's per-kernel launch cost. On a CPU the same class compiles in FP32, which is
-how CI proves it without a GPU.
+marking. ``reduce-overhead`` compiles with CUDA graphs, one per batch size, which replays the
+network as one launch instead of one per kernel (what that saves at batch 1 is for ``gms-deploy
+bench`` to show on a GPU). On a CPU the same class compiles in FP32, which is how CI proves it
+without a GPU.
 """
 
 from __future__ import annotations
