@@ -19,7 +19,7 @@ from gms_deploy.resize import resize_linear
 _UNIT_TABLE = torch.arange(256, dtype=torch.float32) / 255.0
 
 
-@functools.lru_cache(maxsize=8)
+@functools.cache  # kept for the process: CUDA graphs read it where it was when they were captured
 def _unit_table(device: torch.device) -> torch.Tensor:
     return _UNIT_TABLE.to(device)
 
@@ -57,3 +57,8 @@ def masks_from_probs(prob: torch.Tensor, threshold: float) -> torch.Tensor:
     to float32(threshold) is background on both paths.
     """
     return prob > threshold
+
+
+def frame_masks(prob: torch.Tensor, height: int, width: int, threshold: float) -> torch.Tensor:
+    """... x S x S probabilities -> ... x height x width uint8 (0/1) masks: the fused postprocessing."""
+    return masks_from_probs(upsample_probs(prob, height, width), threshold).to(torch.uint8)

@@ -26,6 +26,7 @@ from gms_deploy.backends.base import Runner
 from gms_deploy.io.frames import Frame, InputError
 from gms_deploy.io.inputs import Source, discover, read_frames
 from gms_deploy.io.outputs import OutputPaths, ResultRow, ResultsTable, overlay, write_npy, write_png
+from gms_deploy.messages import one_line
 from gms_deploy.postprocess import Box, area_mm2, paste, roi_box
 from gms_deploy.segment import Segmentation, Segmenter, segmenter_for
 from gms_deploy.stream import Prefetch, Writer
@@ -126,7 +127,7 @@ class _Ledger:
         try:
             area_px, area = _write(item, result)
         except Exception as err:  # a full disk, or a frame its overlay cannot be drawn on: it alone fails
-            message = f"{frame.source}: cannot write outputs: {_one_line(err)}"
+            message = f"{frame.source}: cannot write outputs: {one_line(err)}"
             self.fail(_Failed(frame.source, frame.index, message))
             return
         self.report.frames += 1
@@ -213,7 +214,7 @@ def _file_events(source: Source, segmenter: Segmenter, options: InferOptions) ->
         try:
             event: _Event = _prepare(frame, segmenter, options, start)
         except Exception as err:  # a frame the reader took but preparing it failed: it alone fails
-            message = f"{frame.source}: cannot prepare frame {frame.index or 0}: {_one_line(err)}"
+            message = f"{frame.source}: cannot prepare frame {frame.index or 0}: {one_line(err)}"
             event = _Failed(frame.source, frame.index, message)
         yield event
     yield _FileDone()
@@ -250,7 +251,7 @@ def _run_batch(
         results = segmenter([item.prepared for item in items], threshold, keep_prob)
     except Exception as err:  # a backend fault fails its batch, never the run
         for item in items:
-            message = f"{item.frame.source}: {segmenter.runner.name} failed on this batch: {_one_line(err)}"
+            message = f"{item.frame.source}: {segmenter.runner.name} failed on this batch: {one_line(err)}"
             writer.submit(partial(ledger.fail, _Failed(item.frame.source, item.frame.index, message)))
         return
     share = (time.perf_counter() - start) / len(items)
@@ -269,8 +270,3 @@ def _write(item: _Item, result: Segmentation) -> tuple[int, float | None]:
     if "mask" in item.todo:
         write_png(item.outputs.mask, mask)
     return int(mask.sum()), area_mm2(mask, frame.regions)
-
-
-def _one_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__

@@ -58,11 +58,13 @@ def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return (out[0] if image.ndim == 2 else out.permute(1, 2, 0)).contiguous().numpy()
 
 
-@functools.lru_cache(maxsize=64)
+@functools.cache
 def _taps(src: int, dst: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """IPP's left/right source indices and float32 weights of each destination pixel along one axis.
 
     Computed once per (src, dst, device) on the CPU in float64, as IPP computes them, then moved.
+    Kept for the process (a few bytes per pixel of one axis): CUDA graphs that replay a resize
+    (``gms_deploy.cuda_graphs``) read them at the addresses they had when captured.
     """
     x = ((torch.arange(dst, dtype=torch.float64) + 0.5) * (src / dst) - 0.5).clamp(0.0, src - 1.0)
     left = x.floor()
@@ -72,7 +74,7 @@ def _taps(src: int, dst: int, device: torch.device) -> tuple[torch.Tensor, torch
     return left.to(device), right.to(device), weight.to(device)
 
 
-@functools.lru_cache(maxsize=16)
+@functools.cache  # kept for the process, as ``_taps``
 def _opencv_taps(
     src: int, dst: int, zero_past_edges: bool, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -7,7 +7,8 @@ resized and normalised there (``device_ops``), run through the network, resized 
 frame's size and thresholded, and only the masks come down. Both resize with ``gms_deploy.resize``,
 so both give the same masks; the fused one saves the host work and the copies of float tensors
 that the host path spends around a GPU network (how much: ``gms-deploy bench``'s pre and post
-columns, not yet measured on a GPU).
+columns, not yet measured on a GPU). On a GPU its pre- and postprocessing replay as CUDA graphs
+(``gms_deploy.cuda_graphs``), which is what makes exact resizing cheap at small batches.
 
 Both split a batch that does not fit in GPU memory and keep to the size that fitted.
 """
@@ -24,7 +25,8 @@ import numpy as np
 import torch
 
 from gms_deploy.backends.base import DeviceRunner, Runner
-from gms_deploy.device_ops import masks_from_probs, preprocess_frames, upsample_probs
+from gms_deploy.cuda_graphs import Graphed
+from gms_deploy.device_ops import frame_masks, preprocess_frames
 from gms_deploy.postprocess import to_mask, upsample
 from gms_deploy.preprocess import preprocess
 
@@ -129,6 +131,8 @@ class FusedSegmenter(Segmenter):
         super().__init__(runner)
         self.device = runner.device
         self._staging: dict[str, torch.Tensor] = {}
+        self._preprocess = Graphed(preprocess_frames)
+        self._masks = Graphed(frame_masks)
 
     def prepare(self, pixels: np.ndarray) -> np.ndarray:
         """uint8, or float32 in [0, 1] for deeper sources: sent to the device as they are."""
@@ -159,8 +163,8 @@ class FusedSegmenter(Segmenter):
         ]
         size = self.runner.settings.image_size
         images = torch.empty((len(batch), 3, size, size), device=self.device)
-        for indices in _alike(batch):
-            images[indices] = preprocess_frames(torch.stack([frames[i] for i in indices]), size)
+        for indices in _alike(batch, with_dtype=True):
+            images[indices] = self._preprocess(torch.stack([frames[i] for i in indices]), size)
         return images
 
     def network(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -170,12 +174,11 @@ class FusedSegmenter(Segmenter):
         self, probs: torch.Tensor, batch: Sequence[np.ndarray], threshold: float, keep_prob: bool
     ) -> list[Segmentation]:
         masks: list[torch.Tensor] = [torch.empty(0)] * len(batch)
-        for indices in _alike(batch):
+        for indices in _alike(batch, with_dtype=False):  # one replay per size: each its own buffer
             height, width = batch[indices[0]].shape[:2]
-            resized = upsample_probs(probs[indices], height, width)
-            for i, mask in zip(indices, masks_from_probs(resized, threshold).to(torch.uint8), strict=True):
+            for i, mask in zip(indices, self._masks(probs[indices], height, width, threshold), strict=True):
                 masks[i] = mask.reshape(-1)
-        flat = torch.cat(masks)
+        flat = torch.cat(masks)  # copied out before any replay reuses a graph's output
         staging = self._host_buffer("masks", flat.numel())
         staging.copy_(flat, non_blocking=True)
         kept = probs.cpu().numpy() if keep_prob else [None] * len(batch)  # synchronises, as does the next
@@ -188,11 +191,14 @@ class FusedSegmenter(Segmenter):
         ]
 
 
-def _alike(batch: Sequence[np.ndarray]) -> list[list[int]]:
-    """Indices of the batch's frames grouped by shape and type, in order of first appearance."""
-    groups: dict[tuple[tuple[int, ...], np.dtype], list[int]] = {}
+def _alike(batch: Sequence[np.ndarray], with_dtype: bool) -> list[list[int]]:
+    """Indices of the batch's frames grouped by shape and type, or by height and width alone.
+
+    In order of first appearance.
+    """
+    groups: dict[tuple[object, ...], list[int]] = {}
     for i, frame in enumerate(batch):
-        groups.setdefault((frame.shape, frame.dtype), []).append(i)
+        groups.setdefault((frame.shape, frame.dtype) if with_dtype else frame.shape[:2], []).append(i)
     return list(groups.values())
 
 

@@ -18,6 +18,7 @@ import onnx
 
 from gms_deploy.backends.base import BackendError, Runner
 from gms_deploy.bundle import Settings
+from gms_deploy.messages import one_line
 from gms_deploy.onnx_export import FORMAT, FORMAT_VERSION, MANIFEST, sha256
 
 CPU = "CPUExecutionProvider"
@@ -143,8 +144,7 @@ def open_session(
     try:
         return ort.InferenceSession(source, options, providers=providers)
     except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph/RuntimeException types
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise BackendError(f"{path}: onnxruntime cannot load it: {first}") from None
+        raise BackendError(f"{path}: onnxruntime cannot load it: {one_line(err)}") from None
 
 
 class OnnxRuntimeRunner(Runner):

@@ -1,10 +1,15 @@
 """A TensorRT engine run on torch CUDA tensors (GPU only), in the spirit of TensorRT's demo/Diffusion.
 
 Tensors are bound by name with ``set_tensor_address`` and run with ``execute_async_v3`` on a torch
-stream, so no pycuda or cuda-python is needed. Output buffers are allocated once per batch size and
-reused; optionally the launch is captured once per batch size as a CUDA graph and replayed, which
-removes TensorRT's per-call launch overhead at small batches. TensorRT for RTX compiles kernels
-just in time on the first run; its runtime cache keeps them in a file so later processes start fast.
+stream, so no pycuda or cuda-python is needed. Buffers are allocated once per batch size and reused.
+CUDA graphs remove the per-call launch overhead that dominates at small batches, and the two
+flavours get them differently, each as its makers document: TensorRT for RTX captures and replays
+its own graphs (``CudaGraphStrategy.WHOLE_GRAPH_CAPTURE``; capturing its launch from outside needs
+an engine built for user allocation), TensorRT's launch is captured here, once per batch size,
+right after an uncaptured run at that size (as TensorRT's demo/Diffusion does), and where capture
+fails the engine runs uncaptured with a warning. TensorRT for RTX compiles kernels just in time:
+eagerly for each new batch size (so a benchmark's warm-up settles them), kept in a runtime cache
+file so that later processes start fast.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any
 import torch
 
 from gms_deploy.io.outputs import write_atomic
+from gms_deploy.messages import one_line
 from gms_deploy.trt.flavour import Flavour
 
 log = logging.getLogger(__name__)
@@ -41,7 +47,6 @@ class Engine:
         trt = flavour.trt
         self.path = Path(path)
         self.device = device
-        self.cuda_graphs = cuda_graphs
         self.runtime_cache = runtime_cache
         with torch.cuda.device(device):
             self.runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
@@ -49,14 +54,9 @@ class Engine:
             if self.engine is None:
                 raise EngineLoadError(f"{self.path}: {flavour.label} cannot deserialise it")
             self._cache: Any = None  # TensorRT for RTX's IRuntimeCache, where there is one
+            self._capture = cuda_graphs  # this class captures; TensorRT for RTX captures itself
             if hasattr(self.engine, "create_runtime_config"):
-                config = self.engine.create_runtime_config()
-                if runtime_cache is not None and hasattr(config, "create_runtime_cache"):
-                    self._cache = config.create_runtime_cache()
-                    if runtime_cache.is_file() and not self._cache.deserialize(runtime_cache.read_bytes()):
-                        log.info("%s: runtime cache from another GPU, driver or version; refilled", path.name)
-                    config.set_runtime_cache(self._cache)
-                self.context = self.engine.create_execution_context(config)
+                self.context = self.engine.create_execution_context(self._runtime_config(trt))
             else:
                 self.context = self.engine.create_execution_context()
         if self.context is None:
@@ -94,6 +94,23 @@ class Engine:
         if not self.context.execute_async_v3(self.stream.cuda_stream):
             raise EngineLoadError(f"{self.path}: execute_async_v3 failed")
 
+    def _runtime_config(self, trt: Any) -> Any:
+        """TensorRT for RTX's runtime settings: its own CUDA graphs, eager kernels, the runtime cache."""
+        config = self.engine.create_runtime_config()
+        if self._capture and hasattr(trt, "CudaGraphStrategy"):
+            config.cuda_graph_strategy = trt.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
+            self._capture = False
+        if hasattr(trt, "DynamicShapesKernelSpecializationStrategy"):
+            eager = trt.DynamicShapesKernelSpecializationStrategy.EAGER
+            config.dynamic_shapes_kernel_specialization_strategy = eager
+        if self.runtime_cache is not None and hasattr(config, "create_runtime_cache"):
+            self._cache = config.create_runtime_cache()
+            cache = self.runtime_cache
+            if cache.is_file() and not self._cache.deserialize(cache.read_bytes()):
+                log.info("%s: runtime cache from another GPU, driver or version; refilled", self.path.name)
+            config.set_runtime_cache(self._cache)
+        return config
+
     def __call__(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Run on CUDA tensors; returns the engine's output buffers (copy them before the next call)."""
         batch = next(iter(feeds.values())).shape[0]
@@ -105,18 +122,29 @@ class Engine:
                 buffers[name].copy_(tensor)
             if batch in self._graphs:
                 self._graphs[batch].replay()
-            elif self.cuda_graphs and not first:  # the first run at a batch size is TensorRT's warm-up
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, stream=self.stream):
-                    self._execute()
-                self._graphs[batch] = graph
-                graph.replay()  # capturing records the launch without running it
             else:
                 self._execute()
+                if self._capture:
+                    self._capture_graph(batch)
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
         if first:
             self.save_runtime_cache()
         return {name: buffers[name] for name in self.outputs}
+
+    def _capture_graph(self, batch: int) -> None:
+        """Record the launch just run at ``batch`` (recording does not run it) for later replays."""
+        capturable = getattr(self.context, "is_stream_capturable", None)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            if capturable is not None and not capturable(self.stream.cuda_stream):
+                raise RuntimeError("TensorRT says this context cannot be stream-captured")
+            with torch.cuda.graph(graph, stream=self.stream):
+                self._execute()
+        except RuntimeError as err:
+            log.warning("%s: running without CUDA graphs: %s", self.path.name, one_line(err))
+            self._capture = False
+            return
+        self._graphs[batch] = graph
 
     def save_runtime_cache(self) -> None:
         """Persist TensorRT for RTX's just-in-time kernels (a no-op without a runtime cache)."""

@@ -1,0 +1,13 @@
+"""Errors as one line: the tool promises one line per failed file, whatever a library raised.
+
+Libraries append tracebacks, advice and C++ frames to their messages; the first line names the
+problem, and the exception's type says which layer raised it.
+"""
+
+from __future__ import annotations
+
+
+def one_line(err: BaseException) -> str:
+    """``Type: first line of the message`` (the type alone where the message is empty)."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
