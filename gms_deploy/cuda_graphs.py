@@ -49,14 +49,16 @@ class Graphed:
         if x.device.type != "cuda" or not self.enabled:
             return self.fn(x, *args)
         key = (tuple(x.shape), x.dtype, x.device, *args)
-        if key not in self._graphs:
-            self._seen[key] += 1
-            if self._seen[key] == 1 or not self._capture(key, x, args):
-                return self.fn(x, *args)
-        self._graphs.move_to_end(key)
-        graph, static_in, static_out = self._graphs[key]
-        static_in.copy_(x)
-        graph.replay()
+        # Inference mode throughout: buffers made in it can be written to only in it.
+        with torch.inference_mode():
+            if key not in self._graphs:
+                self._seen[key] += 1
+                if self._seen[key] == 1 or not self._capture(key, x, args):
+                    return self.fn(x, *args)
+            self._graphs.move_to_end(key)
+            graph, static_in, static_out = self._graphs[key]
+            static_in.copy_(x)
+            graph.replay()
         return static_out
 
     def _capture(self, key: _Key, x: torch.Tensor, args: tuple[Hashable, ...]) -> bool:
