@@ -6,9 +6,16 @@ marking. ``reduce-overhead`` compiles with CUDA graphs, one per batch size, whic
 network as one launch instead of one per kernel (what that saves at batch 1 is for ``gms-deploy
 bench`` to show on a GPU). On a CPU the same class compiles in FP32, which is how CI proves it
 without a GPU.
+
+Compiling takes a minute or more per batch size; torch keeps what it compiled in a cache under
+``/tmp``, which many systems empty at every boot, so a cart would pay that minute on each start.
+Unless ``TORCHINDUCTOR_CACHE_DIR`` says otherwise, the cache lives under the user's cache folder.
 """
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import torch
 
@@ -22,6 +29,7 @@ class TorchCompiledRunner(TorchRunner):
     def __init__(
         self, bundle: ModelBundle, device: str = "cuda", precision: str | None = None, mode: str | None = None
     ) -> None:
+        persistent_compile_cache()
         self.mode = mode or ("reduce-overhead" if device.startswith("cuda") else "default")
         self.kind = f"compiled ({self.mode}) channels_last"
         super().__init__(bundle, device, precision)
@@ -43,3 +51,23 @@ class TorchCompiledRunner(TorchRunner):
             return run(x.contiguous(memory_format=torch.channels_last)).clone()
 
         return step
+
+
+def persistent_compile_cache() -> None:
+    """Point torch's compile cache at ``$XDG_CACHE_HOME/gms-deploy/torchinductor`` unless one is set.
+
+    Importing ``torch._dynamo`` sets the variable to torch's default, so that value counts as unset.
+    Where there is no home or that folder cannot be made, torch's own default stays.
+    """
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if chosen is not None and Path(chosen).resolve() != Path(default_cache_dir()).resolve():
+        return
+    try:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        folder = base / "gms-deploy" / "torchinductor"
+        folder.mkdir(parents=True, exist_ok=True)
+    except (OSError, RuntimeError):  # RuntimeError: no home directory to be found
+        return
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
