@@ -26,7 +26,7 @@ from gms_deploy.backends.base import Runner
 from gms_deploy.io.frames import Frame, InputError
 from gms_deploy.io.inputs import Source, discover, read_frames
 from gms_deploy.io.outputs import OutputPaths, ResultRow, ResultsTable, overlay, write_npy, write_png
-from gms_deploy.messages import one_line
+from gms_deploy.messages import one_line, shown
 from gms_deploy.postprocess import Box, area_mm2, paste, roi_box
 from gms_deploy.segment import Segmentation, Segmenter, segmenter_for
 from gms_deploy.stream import Prefetch, Writer
@@ -127,7 +127,7 @@ class _Ledger:
         try:
             area_px, area = _write(item, result)
         except Exception as err:  # a full disk, or a frame its overlay cannot be drawn on: it alone fails
-            message = f"{frame.source}: cannot write outputs: {one_line(err)}"
+            message = f"{shown(frame.source)}: cannot write outputs: {one_line(err)}"
             self.fail(_Failed(frame.source, frame.index, message))
             return
         self.report.frames += 1
@@ -209,12 +209,17 @@ def _file_events(source: Source, segmenter: Segmenter, options: InferOptions) ->
         except InputError as err:
             yield _Failed(source.path, None, str(err))
             break
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as err:  # a reader's bug, or a Rust decoder's panic: this file alone fails
+            yield _Failed(source.path, None, f"{shown(source.path)}: cannot read: {one_line(err)}")
+            break
         if frame is None:
             break
         try:
             event: _Event = _prepare(frame, segmenter, options, start)
         except Exception as err:  # a frame the reader took but preparing it failed: it alone fails
-            message = f"{frame.source}: cannot prepare frame {frame.index or 0}: {one_line(err)}"
+            message = f"{shown(frame.source)}: cannot prepare frame {frame.index or 0}: {one_line(err)}"
             event = _Failed(frame.source, frame.index, message)
         yield event
     yield _FileDone()
@@ -228,7 +233,7 @@ def _prepare(frame: Frame, segmenter: Segmenter, options: InferOptions, start: f
         return _Skipped()
     box = roi_box(frame.regions) if options.roi == "dicom" else None
     if options.roi == "dicom" and box is None:
-        log.warning("%s: no 2D ultrasound region to crop to; segmenting the whole frame", frame.source)
+        log.warning("%s: no 2D ultrasound region to crop to; segmenting the whole frame", shown(frame.source))
     pixels = frame.pixels if box is None else frame.pixels[box[1] : box[3], box[0] : box[2]]
     return _Item(frame, outputs, todo, box, segmenter.prepare(pixels), time.perf_counter() - start)
 
@@ -250,8 +255,9 @@ def _run_batch(
     try:
         results = segmenter([item.prepared for item in items], threshold, keep_prob)
     except Exception as err:  # a backend fault fails its batch, never the run
+        reason = f"{segmenter.runner.name} failed on this batch: {one_line(err)}"
         for item in items:
-            message = f"{item.frame.source}: {segmenter.runner.name} failed on this batch: {one_line(err)}"
+            message = f"{shown(item.frame.source)}: {reason}"
             writer.submit(partial(ledger.fail, _Failed(item.frame.source, item.frame.index, message)))
         return
     share = (time.perf_counter() - start) / len(items)

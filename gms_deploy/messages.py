@@ -11,3 +11,15 @@ def one_line(err: BaseException) -> str:
     """``Type: first line of the message`` (the type alone where the message is empty)."""
     lines = str(err).strip().splitlines()
     return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
+def shown(path: object) -> str:
+    """A path as one line of valid UTF-8, for messages and results.csv.
+
+    Control characters (a newline in a file name) and undecodable bytes (a Latin-1 name on a UTF-8
+    system, which Python keeps as lone surrogates) are written as backslash escapes.
+    """
+    text = str(path)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import shutil
 import subprocess
 import sys
@@ -122,6 +123,22 @@ def test_existing_outputs_are_kept_unless_overwrite(
     run_inference([image], runner, InferOptions(out, overwrite=True))
     assert _mask(out / "a_mask.png").shape == (40, 50)
     assert len(_rows(out)) == 1  # one row per frame, replaced, never duplicated
+
+
+def test_file_names_no_terminal_or_csv_can_hold_are_escaped(tiny_bundle: ModelBundle, tmp_path: Path) -> None:
+    """A newline in a name, and a Latin-1 name on a UTF-8 system (Python holds it as a lone surrogate)."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "bad\nname.dcm").write_bytes(b"not DICOM" * 20)
+    Image.new("L", (16, 12)).save(os.fsencode(folder) + b"/M\xfcller.png", format="PNG")
+    out = tmp_path / "out"
+    for _ in range(2):  # a rerun finds its own rows again, so it replaces rather than adds them
+        report = run_inference([folder], TorchRunner(tiny_bundle), InferOptions(out, overwrite=True))
+    assert report.frames == 1 and report.failures == [f"{folder}/bad\\nname.dcm: not DICOM"]
+    assert _mask(out / "in" / "M\udcfcller_mask.png").shape == (12, 16)
+    rows = sorted(_rows(out), key=lambda row: row["status"])
+    assert [row["source"] for row in rows] == [f"{folder}/bad\\nname.dcm", f"{folder}/M\\udcfcller.png"]
+    assert (out / "results.csv").read_bytes().decode("utf-8").count("\n") == 3
 
 
 class _InterruptedRunner(TorchRunner):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import logging
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +21,7 @@ from pydicom.pixels import (
     convert_color_space,
     iter_pixels,
 )
-from pydicom.uid import MPEG2MPML
+from pydicom.uid import MPEG2MPML, DeflatedExplicitVRLittleEndian, RLELossless
 
 from gms_deploy.io.dicom import iter_dicom_frames, read_regions
 from gms_deploy.io.frames import InputError, UltrasoundRegion
@@ -231,7 +234,35 @@ def _broken_dicoms(tmp_path: Path) -> dict[str, Path]:
     hsv = dicom_dataset(random_uint((7, 5, 3), np.uint8), "RGB")
     hsv.PhotometricInterpretation = "HSV"
     files["photometric"] = write_dicom(tmp_path / "hsv.dcm", hsv)
+
+    palette = pydicom.dcmread(dicom_example("examples_palette.dcm"))
+    palette.BitsStored = 32  # a 2**32-entry table to build, were it believed
+    files["palette bits"] = write_dicom(tmp_path / "palette32.dcm", palette)
+
+    # One RLE segment that decodes past the frame: pylibjpeg-rle's Rust decoder panics on it, and a
+    # panic reaches Python as a BaseException, past every ``except Exception``.
+    rle = dicom_dataset(np.zeros((2, 2), np.uint16), bits_stored=16)
+    high, low = bytes([9, *range(1, 11)]), bytes([3, 1, 2, 3, 4])
+    rle.PixelData = encapsulate([struct.pack("<16I", 2, 64, 64 + len(high), *[0] * 13) + high + low])
+    rle["PixelData"].VR = "OB"
+    rle.file_meta.TransferSyntaxUID = RLELossless
+    files["rle panic"] = write_dicom(tmp_path / "rle.dcm", rle)
+
+    files["deflate bomb"] = _deflate_bomb(tmp_path / "bomb.dcm", 400 << 20)
     return files
+
+
+def _deflate_bomb(path: Path, inflated: int) -> Path:
+    """A deflated DICOM file of about ``inflated / 1000`` bytes whose dataset inflates to ``inflated``."""
+    write_dicom(path, dicom_dataset(random_uint((7, 5), np.uint8)))
+    meta = pydicom.filereader.read_file_meta_info(path)
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    head = io.BytesIO()
+    pydicom.filewriter.write_file_meta_info(head, meta, enforce_standard=True)
+    deflate, zeros = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS), bytes(1 << 20)
+    body = b"".join(deflate.compress(zeros) for _ in range(inflated >> 20)) + deflate.flush()
+    path.write_bytes(bytes(128) + b"DICM" + head.getvalue() + body)
+    return path
 
 
 def test_broken_files_raise_one_line_errors_naming_the_file(tmp_path: Path) -> None:
@@ -249,6 +280,9 @@ def test_broken_files_raise_one_line_errors_naming_the_file(tmp_path: Path) -> N
     assert "MPEG2" in reasons["no decoder"] and "not supported" in reasons["no decoder"]
     assert reasons["zero frames"] == "zero frames"
     assert reasons["photometric"] == "unsupported photometric interpretation HSV"
+    assert reasons["palette bits"] == "PALETTE COLOR with 32 stored bits (palettes index at most 16)"
+    assert reasons["rle panic"].startswith("pixel data: cannot decode:")
+    assert reasons["deflate bomb"] == "deflated DICOM inflates to over 341 MiB, the limit"
 
 
 def region_item(box: tuple[int, int, int, int], **overrides: object) -> Dataset:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import re
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +141,10 @@ def _bad_files(tmp_path: Path) -> dict[str, Path]:
         "float tiff": tmp_path / "float.tif",
         "folder": tmp_path / "folder.png",
         "missing": tmp_path / "missing.png",
+        "deep bomb": tmp_path / "deep.png",
+        "many samples": tmp_path / "samples.tif",
+        "volume": tmp_path / "volume.tif",
+        "scan bomb": tmp_path / "scans.jpg",
     }
     files["empty"].write_bytes(b"")
     files["random bytes"].write_bytes(np.random.default_rng(0).bytes(4096))
@@ -147,6 +153,16 @@ def _bad_files(tmp_path: Path) -> dict[str, Path]:
     with pytest.warns(UserWarning, match="zero-size"):
         tifffile.imwrite(files["zero-size tiff"], np.zeros((0, 4), np.uint16))
     files["bomb"].write_bytes(png_with_size(20_000, 20_000))
+    # Under the pixel limit, over the decoded-bytes one: 16-bit RGB (its header claims it).
+    deep = bytearray(png_with_size(9400, 9400))
+    deep[24:26] = bytes([16, 2])
+    deep[29:33] = zlib.crc32(bytes(deep[12:29])).to_bytes(4, "big")
+    files["deep bomb"].write_bytes(bytes(deep))
+    extra = {"photometric": "rgb", "planarconfig": "contig", "extrasamples": ["unspecified"] * 2}
+    tifffile.imwrite(files["many samples"], np.zeros((4, 4, 5), np.uint16), **extra)
+    volume = {"volumetric": True, "tile": (16, 16), "photometric": "minisblack"}
+    tifffile.imwrite(files["volume"], np.zeros((3, 16, 16), np.uint16), **volume)
+    files["scan bomb"].write_bytes(_repeated_scans(tmp_path / "big.jpg", 120))
     Image.fromarray(random_uint((H, W), np.uint8)).save(files["gif"])
     tifffile.imwrite(files["float tiff"], np.zeros((H, W), np.float32))
     files["folder"].mkdir()
@@ -173,6 +189,18 @@ def test_failures_say_why(tmp_path: Path) -> None:
     assert "GIF" in reasons["gif"]
     assert "sample format" in reasons["float tiff"]
     assert "cannot read" in reasons["missing"] and "cannot read" in reasons["folder"]
+    assert reasons["deep bomb"].startswith("image too large: 9400 x 9400 x 3 samples of 2 byte(s)")
+    assert "5 samples per pixel" in reasons["many samples"] and "volume of depth 3" in reasons["volume"]
+    assert re.fullmatch(r"JPEG with 1\d\d scans, over the 100 limit", reasons["scan bomb"])
+
+
+def _repeated_scans(jpeg: Path, extra: int) -> bytes:
+    """A progressive JPEG whose last scan is repeated: decoders run every scan over the whole image."""
+    with Image.open(jpeg) as im:
+        im.save(jpeg.with_suffix(".progressive.jpg"), progressive=True)
+    data = jpeg.with_suffix(".progressive.jpg").read_bytes()
+    last, end = data.rindex(b"\xff\xda"), len(data) - 2  # the last scan, up to the end-of-image marker
+    return data[:end] + data[last:end] * extra + data[end:]
 
 
 def _reason(path: Path) -> str:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -122,16 +126,41 @@ def test_symlink_loops_end(scans: Path) -> None:
     assert [str(s.rel) for s in sources] == EXPECTED
 
 
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="needs a user that permissions stop")
-def test_an_unreadable_subfolder_is_an_error(scans: Path) -> None:
-    locked = scans / "c"
-    locked.chmod(0)
+_DISCOVER = """
+import json, sys
+from pathlib import Path
+from gms_deploy.io.inputs import discover
+sources, errors = discover([Path(a) for a in sys.argv[1:]])
+print(json.dumps({"sources": [str(s.rel) for s in sources], "errors": [str(e) for e in errors]}))
+"""
+
+
+def _discover_as_a_user_permissions_stop(*inputs: Path) -> dict[str, list[str]]:
+    """``discover`` in a process that file permissions apply to: root drops its bypass (setpriv)."""
+    if os.name != "posix":
+        pytest.skip("POSIX permissions")
+    drop = []
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root, and no setpriv to drop root's permission bypass")
+        drop = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
+    command = [*drop, sys.executable, "-c", _DISCOVER, *map(str, inputs)]
+    return json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+
+
+def test_unreadable_folders_and_files_are_errors_and_the_rest_goes_on(scans: Path) -> None:
+    """A folder that cannot be listed, one that can be listed but not entered, and a file inside it."""
+    unlisted, unentered = scans / "c", scans / "b"
+    unlisted.chmod(0)
+    unentered.chmod(0o444)
     try:
-        sources, errors = discover([scans])
+        found = _discover_as_a_user_permissions_stop(scans, unentered / "a.PNG")
     finally:
-        locked.chmod(0o755)
-    assert [str(e) for e in errors] == [f"{locked}: cannot list folder: Permission denied"]
-    assert "scans/z.dcm" in [str(s.rel) for s in sources]
+        unlisted.chmod(0o755)
+        unentered.chmod(0o755)
+    locked_png = f"{unentered / 'a.PNG'}: cannot read: Permission denied"
+    assert found["errors"] == [locked_png, f"{unlisted}: cannot list folder: Permission denied", locked_png]
+    assert found["sources"] == ["scans/a.jpg", "scans/z.dcm"]
 
 
 def test_dot_names_the_current_folder(scans: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -117,6 +117,13 @@ def test_overlay_fills_and_outlines_only_the_mask() -> None:
     assert np.corrcoef(shown[inside][:, 0], rgb[inside][:, 0])[0, 1] > 0.9
 
 
+def test_overlay_outline_width_follows_the_shorter_side() -> None:
+    """A long strip gets the outline of its height: its length once meant a 1000-step erosion."""
+    mask = np.ones((20, 400_000), bool)
+    shown = overlay(np.zeros((20, 400_000, 3), np.uint8), mask)
+    assert (shown[0] == EDGE_RGB).all() and (shown[1, 1:-1] != EDGE_RGB).any(axis=1).all()
+
+
 def test_overlay_takes_float_images_and_draws_the_image_border() -> None:
     grey = np.linspace(0, 1, 16 * 16, dtype=np.float32).reshape(16, 16, 1).repeat(3, axis=2)
     full = overlay(grey, np.ones((16, 16), bool))

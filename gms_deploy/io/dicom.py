@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -29,10 +30,17 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, iter_pixels
-from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 from gms_deploy.io.frames import InputError, UltrasoundRegion
-from gms_deploy.io.images import as_rgb, check_size, describe, scale_to_unit
+from gms_deploy.io.images import MAX_DECODED_BYTES, as_rgb, check_size, describe, scale_to_unit
+from gms_deploy.messages import shown
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +88,9 @@ def iter_dicom_frames(path: Path) -> Iterator[DicomFrame]:
             pixels = convert(next(frames))
         except StopIteration:
             raise InputError(path, f"{where}: pixel data ends early") from None
-        except InputError:
+        except (InputError, KeyboardInterrupt, SystemExit):
             raise
-        except Exception as exc:  # pydicom and its plugins raise ValueError, RuntimeError, AttributeError...
+        except BaseException as exc:  # ValueError, RuntimeError...; Rust decoders' panics are BaseExceptions
             raise InputError(path, f"{where}: cannot decode: {describe(exc)}") from exc
         yield (None if count == 1 else index), pixels, regions
 
@@ -96,7 +104,7 @@ def read_regions(ds: Dataset, height: int, width: int, path: Path) -> tuple[Ultr
     """
     regions = []
     for number, item in enumerate(ds.get("SequenceOfUltrasoundRegions") or (), start=1):
-        region = _region(item, height, width, f"{path}: ultrasound region {number}")
+        region = _region(item, height, width, f"{shown(path)}: ultrasound region {number}")
         if region is not None:
             regions.append(region)
     return tuple(regions)
@@ -130,7 +138,11 @@ def _region(item: Dataset, height: int, width: int, name: str) -> UltrasoundRegi
 def _read_header(path: Path) -> Dataset:
     try:
         preamble = has_dicom_preamble(path)
+        if preamble:
+            _check_inflated_size(path)
         ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    except InputError:
+        raise
     except OSError as exc:
         raise InputError(path, f"cannot read: {exc.strerror or describe(exc)}") from exc
     except Exception as exc:
@@ -138,6 +150,29 @@ def _read_header(path: Path) -> Dataset:
     if "Rows" not in ds or "Columns" not in ds:
         raise InputError(path, "DICOM file holds no image (no pixel data)" if preamble else "not DICOM")
     return ds
+
+
+def _check_inflated_size(path: Path) -> None:
+    """Refuse a deflated dataset that inflates beyond ``MAX_DECODED_BYTES`` before pydicom inflates it.
+
+    pydicom inflates a deflated file whole, pixel data included (even to read its header), and
+    deflate packs up to 1000:1, so a 1 MB file can otherwise take gigabytes. Inflated here in
+    chunks that are counted and dropped.
+    """
+    meta = pydicom.filereader.read_file_meta_info(path)
+    length = meta.get("FileMetaInformationGroupLength")
+    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian or length is None:
+        return
+    inflate, inflated = zlib.decompressobj(-zlib.MAX_WBITS), 0
+    with path.open("rb") as f:
+        f.seek(132 + 12 + int(length))  # preamble and "DICM", the group length element, the meta group
+        while not inflate.eof and (data := f.read(1 << 20)):
+            while data:
+                inflated += len(inflate.decompress(data, 1 << 24))
+                if inflated > MAX_DECODED_BYTES:
+                    limit = MAX_DECODED_BYTES / 2**20
+                    raise InputError(path, f"deflated DICOM inflates to over {limit:.0f} MiB, the limit")
+                data = inflate.unconsumed_tail
 
 
 def _frame_count(path: Path, ds: Dataset) -> int:
@@ -192,6 +227,8 @@ def _pixel_converter(path: Path, ds: Dataset) -> Callable[[np.ndarray], np.ndarr
         raise InputError(path, f"unsupported BitsStored {bits}")
     eight_bit = bits == 8 and not signed
     if photometric == "PALETTE COLOR":
+        if bits > 16:  # the LUT descriptor counts entries in 16 bits; a 2**32 table would not fit anyway
+            raise InputError(path, f"PALETTE COLOR with {bits} stored bits (palettes index at most 16)")
         table = _palette_table(ds, bits)
         return lambda samples: table[samples]
     if photometric in RGB_PHOTOMETRICS:

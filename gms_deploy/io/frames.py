@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from gms_deploy.messages import shown
+
 
 class InputError(Exception):
     """A file that cannot be turned into frames. ``str()`` is one line naming the file and why."""
@@ -18,7 +20,7 @@ class InputError(Exception):
     def __init__(self, path: Path | str, problem: str) -> None:
         self.path = Path(path)
         self.problem = " ".join(problem.split())  # decoder messages may span lines; logs and CSV need one
-        super().__init__(f"{self.path}: {self.problem}")
+        super().__init__(f"{shown(self.path)}: {self.problem}")
 
 
 @dataclass(frozen=True)

@@ -25,16 +25,24 @@ import tifffile
 from PIL import Image
 
 from gms_deploy.io.frames import InputError
+from gms_deploy.messages import shown
 
 log = logging.getLogger(__name__)
 
 # Pillow's own warning threshold: beyond it a small file can demand gigabytes once decoded.
 MAX_PIXELS = 89_478_485
+# Decoded samples, whatever their depth: an RGBA 8-bit image at MAX_PIXELS. A 16-bit or 200-sample
+# image of fewer pixels can hold as many bytes, and a reader's float copies multiply them.
+MAX_DECODED_BYTES = 4 * MAX_PIXELS
+# Progressive JPEGs are decoded scan by scan over the whole image, and nothing limits their number:
+# a file that repeats one scan thousands of times decodes for minutes. Encoders write about 10.
+MAX_JPEG_SCANS = 100
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 PILLOW_FORMATS = frozenset({"PNG", "JPEG", "MPO", "BMP", "DIB", "TIFF"})
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PNG_SAMPLES = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # IHDR colour type -> samples per pixel
 
 
 def describe(exc: BaseException) -> str:
@@ -43,12 +51,19 @@ def describe(exc: BaseException) -> str:
     return text if text and not isinstance(exc, KeyError) else f"{type(exc).__name__} {text}".strip()
 
 
-def check_size(path: Path, width: int, height: int) -> None:
+def check_size(path: Path, width: int, height: int, samples: int = 1, sample_bytes: int = 1) -> None:
     """Refuse empty and decompression-bomb images before any pixel is decoded."""
     if width <= 0 or height <= 0:
         raise InputError(path, f"image has zero size ({width} x {height})")
     if width * height > MAX_PIXELS:
         raise InputError(path, f"image too large: {width} x {height} pixels, over the {MAX_PIXELS} limit")
+    decoded = width * height * samples * sample_bytes
+    if decoded > MAX_DECODED_BYTES:
+        raise InputError(
+            path,
+            f"image too large: {width} x {height} x {samples} samples of {sample_bytes} byte(s) "
+            f"decode to {decoded / 2**20:.0f} MiB, over the {MAX_DECODED_BYTES / 2**20:.0f} MiB limit",
+        )
 
 
 def as_rgb(samples: np.ndarray) -> np.ndarray:
@@ -64,10 +79,16 @@ def as_rgb(samples: np.ndarray) -> np.ndarray:
 
 
 def scale_to_unit(values: np.ndarray, bits: int, signed: bool = False) -> np.ndarray:
-    """Integer samples -> float32 in [0, 1] over the full range their bit depth can hold."""
+    """Integer samples -> float32 in [0, 1] over the full range their bit depth can hold.
+
+    Up to 24 bits in float32 itself: the samples, the offset and the span are exact there, so the
+    one rounding of the division gives what float64 would (rounded to float32), in half the memory.
+    """
     low = -(2 ** (bits - 1)) if signed else 0
-    span = float(2**bits - 1)
-    return ((values.astype(np.float64) - low) / span).clip(0.0, 1.0).astype(np.float32)
+    unit = values.astype(np.float32 if bits <= 24 else np.float64)
+    unit -= low
+    unit /= 2**bits - 1
+    return unit.clip(0.0, 1.0, out=unit).astype(np.float32, copy=False)
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -84,8 +105,10 @@ def read_image(path: Path) -> np.ndarray:
         if head.startswith(TIFF_MAGIC):
             return _read_tiff(path)
         if head.startswith(PNG_MAGIC) and head[12:16] == b"IHDR":
-            check_size(path, int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big"))
-            if head[24] == 16:
+            depth, samples = head[24], PNG_SAMPLES.get(head[25], 1)
+            width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+            check_size(path, width, height, samples, 2 if depth == 16 else 1)
+            if depth == 16:
                 return _read_png16(path)
         return _read_with_pillow(path)
     except InputError:
@@ -102,10 +125,22 @@ def _read_with_pillow(path: Path) -> np.ndarray:
     with Image.open(path) as im:
         if im.format not in PILLOW_FORMATS:
             raise InputError(path, f"unsupported image format {im.format}")
-        check_size(path, *im.size)
+        check_size(path, *im.size, len(im.getbands()))
         if im.mode in ("I", "F") or im.mode.startswith("I;"):
             raise InputError(path, f"unsupported {im.format} pixel mode {im.mode}")
+        if im.format in ("JPEG", "MPO") and (scans := _jpeg_scans(path)) > MAX_JPEG_SCANS:
+            raise InputError(path, f"JPEG with {scans} scans, over the {MAX_JPEG_SCANS} limit")
         return np.asarray(im.convert("RGB"))
+
+
+def _jpeg_scans(path: Path) -> int:
+    """Start-of-scan markers (FF DA: entropy-coded data escapes every FF), counted to just past the limit."""
+    count, tail = 0, b""
+    with path.open("rb") as f:
+        while count <= MAX_JPEG_SCANS and (chunk := f.read(1 << 20)):
+            count += (tail + chunk).count(b"\xff\xda")
+            tail = chunk[-1:]
+    return count
 
 
 def _read_png16(path: Path) -> np.ndarray:
@@ -122,9 +157,13 @@ def _read_png16(path: Path) -> np.ndarray:
 def _read_tiff(path: Path) -> np.ndarray:
     with tifffile.TiffFile(path) as tif:
         page = tif.pages.first
-        check_size(path, page.imagewidth, page.imagelength)
+        if page.imagedepth > 1:
+            raise InputError(path, f"TIFF volume of depth {page.imagedepth}; only 2D images are read")
+        check_size(path, page.imagewidth, page.imagelength, page.samplesperpixel, -(-page.bitspersample // 8))
+        if page.samplesperpixel > 4:
+            raise InputError(path, f"TIFF with {page.samplesperpixel} samples per pixel; at most 4 are read")
         if len(tif.pages) > 1:
-            log.warning("%s: TIFF has %d pages; only the first is read", path, len(tif.pages))
+            log.warning("%s: TIFF has %d pages; only the first is read", shown(path), len(tif.pages))
         if page.bitspersample <= 8:
             return _read_with_pillow(path)
         if page.sampleformat != tifffile.SAMPLEFORMAT.UINT:

@@ -8,6 +8,7 @@ would still land on the same output name are reported, not silently merged.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,17 +39,19 @@ def discover(inputs: Sequence[Path]) -> tuple[list[Source], list[InputError]]:
     claimed: dict[str, Path] = {}
     taken: set[Source] = set()
     for given in map(Path, inputs):
-        if given.is_dir():
+        try:
+            kind = _kind(given)
+        except OSError as exc:  # a folder on the way that may not be entered: EACCES is not swallowed
+            errors.append(InputError(given, f"cannot read: {exc.strerror or describe(exc)}"))
+            continue
+        if kind == "folder":
             found = [Source(path, rel) for path, rel in _walk(given, errors)]
             if not found:
                 errors.append(InputError(given, "folder holds no image or DICOM files"))
-        elif given.is_file():
+        elif kind == "file":
             found = [Source(given, Path(given.name))]
-        elif given.exists() or given.is_symlink():
-            errors.append(InputError(given, "not a regular file or folder (or a broken link)"))
-            continue
         else:
-            errors.append(InputError(given, "no such file or folder"))
+            errors.append(InputError(given, kind))
             continue
         for source in found:
             # Outputs drop the format suffix and some file systems ignore case: x.png and X.jpg collide.
@@ -60,6 +63,19 @@ def discover(inputs: Sequence[Path]) -> tuple[list[Source], list[InputError]]:
             else:
                 errors.append(InputError(source.path, f"its outputs would overwrite those of {first}"))
     return sources, errors
+
+
+def _kind(given: Path) -> str:
+    """``folder``, ``file``, or why it is neither; raises OSError where it cannot even be looked at."""
+    try:
+        mode = given.stat().st_mode
+    except FileNotFoundError:
+        if given.is_symlink():
+            return "a broken link"
+        return "no such file or folder"
+    if stat.S_ISDIR(mode):
+        return "folder"
+    return "file" if stat.S_ISREG(mode) else "not a regular file or folder"
 
 
 def read_frames(source: Source) -> Iterator[Frame]:
@@ -86,26 +102,36 @@ def _walk(folder: Path, errors: list[InputError]) -> list[tuple[Path, Path]]:
         errors.append(InputError(exc.filename or folder, f"cannot list folder: {reason}"))
 
     for root, dirs, files in os.walk(folder, onerror=unlisted, followlinks=True):
-        stat = os.stat(root)
-        if (stat.st_dev, stat.st_ino) in seen:
+        try:
+            info = os.stat(root)
+        except OSError as exc:
+            unlisted(exc)
             dirs.clear()
             continue
-        seen.add((stat.st_dev, stat.st_ino))
+        if (info.st_dev, info.st_ino) in seen:
+            dirs.clear()
+            continue
+        seen.add((info.st_dev, info.st_ino))
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # sorted: which of two links wins is fixed
         for name in files:
             path = Path(root, name)
-            if _wanted(path):
+            if _wanted(path, errors):
                 found.append((path, top / path.relative_to(folder)))
     return sorted(found, key=lambda pair: pair[1].parts)
 
 
-def _wanted(path: Path) -> bool:
-    if path.name.startswith(".") or path.name.upper() == "DICOMDIR" or not path.is_file():
+def _wanted(path: Path, errors: list[InputError]) -> bool:
+    """An image or DICOM file to take; one that cannot be looked at is an error, not silence."""
+    if path.name.startswith(".") or path.name.upper() == "DICOMDIR":
         return False
     suffix = path.suffix.lower()
-    if suffix in IMAGE_SUFFIXES or suffix in DICOM_SUFFIXES:
-        return True
     try:
-        return has_dicom_preamble(path)
-    except OSError:
+        if not stat.S_ISREG(path.stat().st_mode):
+            return False
+        return suffix in IMAGE_SUFFIXES or suffix in DICOM_SUFFIXES or has_dicom_preamble(path)
+    except FileNotFoundError:  # a broken link, or a file deleted while the folder is walked
+        return False
+    except OSError as exc:
+        if suffix in IMAGE_SUFFIXES or suffix in DICOM_SUFFIXES:
+            errors.append(InputError(path, f"cannot read: {exc.strerror or describe(exc)}"))
         return False

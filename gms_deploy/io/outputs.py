@@ -20,6 +20,7 @@ from PIL import Image
 
 from gms_deploy.io.dicom import DICOM_SUFFIXES
 from gms_deploy.io.images import IMAGE_SUFFIXES, as_rgb
+from gms_deploy.messages import shown
 
 FORMAT_SUFFIXES = IMAGE_SUFFIXES | DICOM_SUFFIXES
 
@@ -79,7 +80,8 @@ def overlay(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
         raise ValueError(f"mask {mask.shape} does not match image {base.shape[:2]}")
     out = base.copy()
     out[mask] = (base[mask] * (1.0 - FILL_ALPHA) + FILL_RGB * FILL_ALPHA + 0.5).astype(np.uint8)
-    out[_outline(mask, width=max(1, round(max(mask.shape) / 400)))] = EDGE_RGB
+    # From the shorter side: a 100-pixel-high strip gets a 1-pixel outline however long it is.
+    out[_outline(mask, width=max(1, round(min(mask.shape) / 400)))] = EDGE_RGB
     return out
 
 
@@ -106,9 +108,9 @@ class ResultRow:
 
     def cells(self) -> dict[str, str]:
         return {
-            "source": str(self.source),
+            "source": shown(self.source),
             "frame": _cell(self.frame, "d"),
-            "output": str(self.output),
+            "output": shown(self.output),
             "area_px": _cell(self.area_px, "d"),
             "area_mm2": _cell(self.area_mm2, ".3f"),
             "seconds": _cell(self.seconds, ".4f"),
