@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -34,7 +35,11 @@ def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) ->
     package.handlers = [handler]
     package.setLevel(logging.INFO if verbose else logging.WARNING)
     package.propagate = False
-    logging.getLogger("pydicom").setLevel(logging.CRITICAL)  # its decoder tracebacks; we report each file
+    # Readers' own complaints name no file and repeat what the file's one error line says.
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+    if not verbose:
+        logging.getLogger("tifffile").setLevel(logging.CRITICAL)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"(pydicom|PIL|tifffile)(\.|$)")
 
 
 def _fail(message: str) -> typer.Exit:

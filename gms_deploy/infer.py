@@ -160,7 +160,10 @@ def run_inference(
         raise ValueError(
             f"batch size and readers must be at least 1: {options.batch_size}, {options.readers}"
         )
-    out_dir = options.out_dir.resolve()
+    try:
+        out_dir = options.out_dir.resolve()
+    except (OSError, RuntimeError) as err:  # RuntimeError: a symlink loop
+        raise ValueError(f"{shown(options.out_dir)}: cannot be the output folder: {one_line(err)}") from None
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{options.out_dir}: exists and is not a folder")
     segmenter = segmenter or segmenter_for(runner)

@@ -139,6 +139,10 @@ def test_file_names_no_terminal_or_csv_can_hold_are_escaped(tiny_bundle: ModelBu
     rows = sorted(_rows(out), key=lambda row: row["status"])
     assert [row["source"] for row in rows] == [f"{folder}/bad\\nname.dcm", f"{folder}/M\\udcfcller.png"]
     assert (out / "results.csv").read_bytes().decode("utf-8").count("\n") == 3
+    Image.new("L", (16, 12)).save(os.fsencode(folder) + b"/M\xfcller.jpg", format="JPEG")
+    report = run_inference([folder], TorchRunner(tiny_bundle), InferOptions(out))
+    clash = f"{folder}/M\\udcfcller.png: its outputs would overwrite those of {folder}/M\\udcfcller.jpg"
+    assert clash in report.failures
 
 
 class _InterruptedRunner(TorchRunner):
@@ -248,6 +252,9 @@ def test_cli_exit_codes_and_messages(tree: Path, tiny_bundle: ModelBundle, tmp_p
     (tmp_path / "o6" / "results.csv").write_text("name,score\nx,1\n")
     code, output = _invoke("infer", tree, "--out", tmp_path / "o6", "--model", model)
     assert code == 2 and "not a results table" in output
+    os.symlink(tmp_path / "loop", tmp_path / "loop")
+    code, output = _invoke("infer", tree, "--out", tmp_path / "loop" / "o7", "--model", model)
+    assert code == 2 and "cannot be the output folder" in output
 
 
 def test_cli_as_a_subprocess(tiny_bundle: ModelBundle, tmp_path: Path) -> None:

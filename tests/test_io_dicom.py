@@ -249,6 +249,14 @@ def _broken_dicoms(tmp_path: Path) -> dict[str, Path]:
     files["rle panic"] = write_dicom(tmp_path / "rle.dcm", rle)
 
     files["deflate bomb"] = _deflate_bomb(tmp_path / "bomb.dcm", 400 << 20)
+
+    one_sample_rgb = dicom_dataset(random_uint((7, 5), np.uint8))
+    one_sample_rgb.PhotometricInterpretation = "RGB"
+    files["samples"] = write_dicom(tmp_path / "rgb1.dcm", one_sample_rgb)
+
+    no_green = pydicom.dcmread(dicom_example("examples_palette.dcm"))
+    del no_green.GreenPaletteColorLookupTableData
+    files["palette table"] = write_dicom(tmp_path / "nogreen.dcm", no_green)
     return files
 
 
@@ -283,6 +291,8 @@ def test_broken_files_raise_one_line_errors_naming_the_file(tmp_path: Path) -> N
     assert reasons["palette bits"] == "PALETTE COLOR with 32 stored bits (palettes index at most 16)"
     assert reasons["rle panic"].startswith("pixel data: cannot decode:")
     assert reasons["deflate bomb"] == "deflated DICOM inflates to over 341 MiB, the limit"
+    assert reasons["samples"] == "RGB with 1 samples per pixel, not 3"
+    assert reasons["palette table"] == "no Green palette table"
 
 
 def region_item(box: tuple[int, int, int, int], **overrides: object) -> Dataset:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import struct
 import zlib
 from pathlib import Path
 
@@ -145,6 +146,7 @@ def _bad_files(tmp_path: Path) -> dict[str, Path]:
         "many samples": tmp_path / "samples.tif",
         "volume": tmp_path / "volume.tif",
         "scan bomb": tmp_path / "scans.jpg",
+        "absurd bits": tmp_path / "bits.tif",
     }
     files["empty"].write_bytes(b"")
     files["random bytes"].write_bytes(np.random.default_rng(0).bytes(4096))
@@ -163,6 +165,7 @@ def _bad_files(tmp_path: Path) -> dict[str, Path]:
     volume = {"volumetric": True, "tile": (16, 16), "photometric": "minisblack"}
     tifffile.imwrite(files["volume"], np.zeros((3, 16, 16), np.uint16), **volume)
     files["scan bomb"].write_bytes(_repeated_scans(tmp_path / "big.jpg", 120))
+    files["absurd bits"].write_bytes(_bits_per_sample_as_long8(tmp_path / "deep32.tif"))
     Image.fromarray(random_uint((H, W), np.uint8)).save(files["gif"])
     tifffile.imwrite(files["float tiff"], np.zeros((H, W), np.float32))
     files["folder"].mkdir()
@@ -191,7 +194,19 @@ def test_failures_say_why(tmp_path: Path) -> None:
     assert "cannot read" in reasons["missing"] and "cannot read" in reasons["folder"]
     assert reasons["deep bomb"].startswith("image too large: 9400 x 9400 x 3 samples of 2 byte(s)")
     assert "5 samples per pixel" in reasons["many samples"] and "volume of depth 3" in reasons["volume"]
+    assert reasons["absurd bits"] == "unsupported TIFF bits per sample 281543713095680"
     assert re.fullmatch(r"JPEG with 1\d\d scans, over the 100 limit", reasons["scan bomb"])
+
+
+def _bits_per_sample_as_long8(path: Path) -> bytes:
+    """A 32-bit TIFF whose BitsPerSample entry says LONG8: tifffile reads 281543713095680 bits."""
+    tifffile.imwrite(path, np.zeros((5, 7), np.uint32))
+    data = bytearray(path.read_bytes())
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    for entry in range(ifd + 2, ifd + 2 + 12 * struct.unpack_from("<H", data, ifd)[0], 12):
+        if struct.unpack_from("<H", data, entry)[0] == 258:  # BitsPerSample: type SHORT -> LONG8
+            struct.pack_into("<H", data, entry + 2, 16)
+    return bytes(data)
 
 
 def _repeated_scans(jpeg: Path, extra: int) -> bytes:

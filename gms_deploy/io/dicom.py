@@ -226,22 +226,39 @@ def _pixel_converter(path: Path, ds: Dataset) -> Callable[[np.ndarray], np.ndarr
     if not 1 <= bits <= 32:
         raise InputError(path, f"unsupported BitsStored {bits}")
     eight_bit = bits == 8 and not signed
+    if photometric not in RGB_PHOTOMETRICS | {"PALETTE COLOR", "MONOCHROME1", "MONOCHROME2"}:
+        raise InputError(path, f"unsupported photometric interpretation {photometric or '(missing)'}")
+    samples = ds.get("SamplesPerPixel") or 1
+    expected = 3 if photometric in RGB_PHOTOMETRICS else 1
+    if samples != expected:
+        raise InputError(path, f"{photometric} with {samples} samples per pixel, not {expected}")
     if photometric == "PALETTE COLOR":
         if bits > 16:  # the LUT descriptor counts entries in 16 bits; a 2**32 table would not fit anyway
             raise InputError(path, f"PALETTE COLOR with {bits} stored bits (palettes index at most 16)")
+        _check_palette(path, ds)
         table = _palette_table(ds, bits)
         return lambda samples: table[samples]
     if photometric in RGB_PHOTOMETRICS:
         if eight_bit:
             return lambda samples: samples.astype(np.uint8, copy=False)
         return lambda samples: scale_to_unit(samples, bits, signed)
-    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise InputError(path, f"unsupported photometric interpretation {photometric or '(missing)'}")
     invert = photometric == "MONOCHROME1"
     if eight_bit:
         return lambda samples: as_rgb(255 - samples.astype(np.uint8) if invert else samples.astype(np.uint8))
     to_unit = _grey_to_unit(path, ds, bits, signed)
     return lambda samples: as_rgb(1.0 - to_unit(samples) if invert else to_unit(samples))
+
+
+def _check_palette(path: Path, ds: Dataset) -> None:
+    """Each colour's table is there, with 8 or 16 bits per entry, before pydicom builds the lookup."""
+    for colour in ("Red", "Green", "Blue"):
+        descriptor = ds.get(f"{colour}PaletteColorLookupTableDescriptor")
+        valid = isinstance(descriptor, MultiValue | list) and len(descriptor) == 3
+        if not valid or descriptor[2] not in (8, 16):
+            raise InputError(path, f"invalid {colour} palette descriptor {descriptor!r}")
+        tables = (f"{colour}PaletteColorLookupTableData", f"Segmented{colour}PaletteColorLookupTableData")
+        if not any(table in ds for table in tables):
+            raise InputError(path, f"no {colour} palette table")
 
 
 def _palette_table(ds: Dataset, bits: int) -> np.ndarray:

@@ -157,6 +157,8 @@ def _read_png16(path: Path) -> np.ndarray:
 def _read_tiff(path: Path) -> np.ndarray:
     with tifffile.TiffFile(path) as tif:
         page = tif.pages.first
+        if not 1 <= page.bitspersample <= 32:
+            raise InputError(path, f"unsupported TIFF bits per sample {page.bitspersample}")
         if page.imagedepth > 1:
             raise InputError(path, f"TIFF volume of depth {page.imagedepth}; only 2D images are read")
         check_size(path, page.imagewidth, page.imagelength, page.samplesperpixel, -(-page.bitspersample // 8))

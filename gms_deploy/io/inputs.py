@@ -17,6 +17,7 @@ from gms_deploy.io.dicom import DICOM_SUFFIXES, has_dicom_preamble, iter_dicom_f
 from gms_deploy.io.frames import Frame, InputError
 from gms_deploy.io.images import IMAGE_SUFFIXES, describe, read_image
 from gms_deploy.io.outputs import output_stem
+from gms_deploy.messages import shown
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ def discover(inputs: Sequence[Path]) -> tuple[list[Source], list[InputError]]:
                     taken.add(source)
                     sources.append(source)
             else:
-                errors.append(InputError(source.path, f"its outputs would overwrite those of {first}"))
+                errors.append(InputError(source.path, f"its outputs would overwrite those of {shown(first)}"))
     return sources, errors
 
 

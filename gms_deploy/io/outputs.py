@@ -141,7 +141,7 @@ class ResultsTable:
         writer = csv.DictWriter(text, fieldnames=FIELDS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(self._rows.values())
-        data = text.getvalue().encode("utf-8")
+        data = text.getvalue().encode("utf-8", errors="backslashreplace")  # cells are shown(), but be sure
         write_atomic(self.path, lambda f: f.write(data))
 
     def _load(self) -> None:
