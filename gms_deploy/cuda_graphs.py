@@ -34,7 +34,8 @@ class Graphed:
 
     ``fn`` must be a pure tensor function of ``x`` (``args`` are hashable constants) whose constant
     tensors live for the process, as graphs keep their addresses. The result of a replay is the
-    graph's own output buffer: use it before the next call with the same shape.
+    graph's own output buffer, and the graphs share one pool: use or copy it before the next call,
+    whatever its shape (a graph captured earlier may keep its intermediates where this one's output is).
     """
 
     def __init__(self, fn: Callable[..., torch.Tensor], capacity: int = 8) -> None:

@@ -174,11 +174,14 @@ class FusedSegmenter(Segmenter):
         self, probs: torch.Tensor, batch: Sequence[np.ndarray], threshold: float, keep_prob: bool
     ) -> list[Segmentation]:
         masks: list[torch.Tensor] = [torch.empty(0)] * len(batch)
-        for indices in _alike(batch, with_dtype=False):  # one replay per size: each its own buffer
+        for indices in _alike(batch, with_dtype=False):  # one replay per size
             height, width = batch[indices[0]].shape[:2]
-            for i, mask in zip(indices, self._masks(probs[indices], height, width, threshold), strict=True):
+            # Copied out at once: the graphs share a memory pool, so the next size's replay may
+            # overwrite this one's output (as soon as sizes come in another order than captured).
+            group = self._masks(probs[indices], height, width, threshold).clone()
+            for i, mask in zip(indices, group, strict=True):
                 masks[i] = mask.reshape(-1)
-        flat = torch.cat(masks)  # copied out before any replay reuses a graph's output
+        flat = torch.cat(masks)
         staging = self._host_buffer("masks", flat.numel())
         staging.copy_(flat, non_blocking=True)
         kept = probs.cpu().numpy() if keep_prob else [None] * len(batch)  # synchronises, as does the next

@@ -34,6 +34,14 @@ TINY_VAE = {
 }
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """``@pytest.mark.gpu`` tests skip without CUDA; ``pytest -m gpu`` runs just them on a GPU machine."""
+    if not torch.cuda.is_available():
+        for item in items:
+            if item.get_closest_marker("gpu"):
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
+
 def _need(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent: the shared fixtures exist only beside the project's own checkout")

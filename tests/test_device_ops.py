@@ -156,7 +156,7 @@ def test_threshold_is_strict_in_float32() -> None:
     assert masks_from_probs(torch.from_numpy(prob), 0.3).tolist() == [False, True, False]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_gpu_matches_cpu() -> None:
     rgb = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8))
     cpu = preprocess_frames(rgb, 224)
@@ -168,7 +168,7 @@ def test_gpu_matches_cpu() -> None:
     assert torch.equal(gpu_up, cpu_up), (gpu_up - cpu_up).abs().max()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_graph_replays_are_eager_bit_for_bit() -> None:
     """Shapes seen twice are captured, the least recent dropped past capacity; results never differ."""
     rng = np.random.default_rng(4)

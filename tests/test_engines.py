@@ -179,19 +179,26 @@ def test_tensorrt_runner_says_there_is_no_gpu(built: Path) -> None:
         open_runner("tensorrt", None)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="running an engine needs a CUDA GPU")
+@pytest.mark.gpu
 def test_tensorrt_runner_matches_onnxruntime_on_a_gpu(built: Path, rtx: Flavour) -> None:
+    """Built for the GPU present (replacing the SM86 engines), run, and compared with ONNX Runtime.
+
+    Where TensorRT for RTX lists no target for this GPU (the H100's SM90), it is still tried: what it
+    does there is the finding, reported as the skip's reason.
+    """
     target = "SM{}{}".format(*torch.cuda.get_device_capability())
-    if target not in rtx.compute_capabilities():
-        pytest.skip(f"TensorRT for RTX cannot build for this GPU ({target}); it needs full TensorRT")
-    build_engines(built, flavour="rtx", max_batch=2)  # for the GPU present (replaces the SM86 engines)
-    runner = open_runner("tensorrt", built, device="cuda")
-    reference = open_runner("onnxruntime", built)
-    size = runner.settings.image_size
+    size = json.loads((built / MANIFEST).read_text())["settings"]["image_size"]
     images = np.random.default_rng(0).uniform(-1, 1, (3, 3, size, size)).astype(np.float32)
-    for _ in range(3):  # warm-up, CUDA graph capture, replay
-        prob = runner(images)
-    expected = reference(images)
+    try:
+        build_engines(built, flavour="rtx", max_batch=2)
+        runner = open_runner("tensorrt", built, device="cuda")
+        for _ in range(3):  # warm-up, CUDA graph capture, replay
+            prob = runner(images)
+    except Exception as err:
+        if target in rtx.compute_capabilities():
+            raise
+        pytest.skip(f"TensorRT for RTX lists no {target} target; on this GPU: {type(err).__name__}: {err}")
+    expected = open_runner("onnxruntime", built)(images)
     assert prob.shape == expected.shape
     mask, want = prob > 0.5, expected > 0.5
     assert 2 * (mask & want).sum() / (mask.sum() + want.sum() + 1e-9) >= 0.99
