@@ -88,6 +88,8 @@ class BenchConfig:
     iterations: int | None = None
     frames: Path | None = None
     """Images or DICOM cycled to fill each batch (default: the package's sample images)."""
+    submodels: bool = True
+    """Time encoder, mapper and decoder apart too; for torch-compiled that compiles each of them again."""
 
 
 @dataclass
@@ -203,7 +205,7 @@ def run_bench(config: BenchConfig, progress: Progress | None = None) -> list[Ben
                 )
                 continue
             try:
-                measured = _measure(runner, segmenter, batch, warmup, iterations)
+                measured = _measure(runner, segmenter, batch, warmup, iterations, config.submodels)
             except torch.cuda.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 why = f"out of GPU memory at batch {batch_size}"
@@ -346,7 +348,12 @@ def _timed(fn: Callable[[], T], gpu: bool) -> tuple[T, float]:
 
 
 def _measure(
-    runner: Runner, segmenter: Segmenter, batch: Sequence[np.ndarray], warmup: int, iterations: int
+    runner: Runner,
+    segmenter: Segmenter,
+    batch: Sequence[np.ndarray],
+    warmup: int,
+    iterations: int,
+    submodels: bool,
 ) -> _Measured:
     """End-to-end latencies and peak memory, then per-phase medians, then the outputs to compare."""
     gpu = isinstance(runner, DeviceRunner) and runner.device.type == "cuda"
@@ -361,13 +368,19 @@ def _measure(
         torch.cuda.reset_peak_memory_stats(runner.device)
     latencies = [_timed(end_to_end, gpu)[1] for _ in range(iterations)]
     peak_mib = torch.cuda.max_memory_allocated(runner.device) / 2**20 if gpu else None
-    stages = _stage_times(runner, segmenter, batch, gpu, warmup, iterations)
+    stages = _stage_times(runner, segmenter, batch, gpu, warmup, iterations, submodels)
     outputs = segmenter.segment([segmenter.prepare(frame) for frame in batch], threshold, keep_prob=True)
     return _Measured(latencies, stages, peak_mib, outputs)
 
 
 def _stage_times(
-    runner: Runner, segmenter: Segmenter, batch: Sequence[np.ndarray], gpu: bool, warmup: int, iterations: int
+    runner: Runner,
+    segmenter: Segmenter,
+    batch: Sequence[np.ndarray],
+    gpu: bool,
+    warmup: int,
+    iterations: int,
+    submodels: bool,
 ) -> dict[str, float]:
     """Median milliseconds of each phase, timed one at a time, after ``warmup`` untimed rounds.
 
@@ -375,7 +388,7 @@ def _stage_times(
     of its own, compiled on its first call.
     """
     device = runner.device if isinstance(runner, DeviceRunner) else None
-    stages = runner.stages() if isinstance(runner, DeviceRunner) else {}
+    stages = runner.stages() if submodels and isinstance(runner, DeviceRunner) else {}
     threshold = runner.settings.threshold
     times: dict[str, list[float]] = defaultdict(list)
     with torch.inference_mode():

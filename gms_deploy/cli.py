@@ -321,6 +321,12 @@ def bench(
     frames: Annotated[
         Path | None, typer.Option("--frames", help="Images or DICOM to batch (default: the samples).")
     ] = None,
+    submodels: Annotated[
+        bool,
+        typer.Option(
+            help="Also time encoder, mapper and decoder apart (torch-compiled compiles each once more)."
+        ),
+    ] = True,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write records + environment here.")] = None,
     plot_out: Annotated[
         Path | None, typer.Option("--plot", help="Latency and throughput plot (PNG).")
@@ -340,6 +346,7 @@ def bench(
         warmup=warmup,
         iterations=iterations,
         frames=frames,
+        submodels=submodels,
     )
     with tqdm(desc="benchmarking", unit="run", leave=False, disable=None) as bar:
 

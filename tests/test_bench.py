@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from gms_deploy.backends import BackendError
@@ -115,11 +114,12 @@ def test_json_and_plot(ort_records: list[BenchRecord], tmp_path: Path) -> None:
 def test_cli(tiny_bundle: ModelBundle, one_thread: None, tmp_path: Path) -> None:
     model = ["--model", str(tiny_bundle.vae.parent), "--device", "cpu", "--warmup", "0", "--iterations", "1"]
     out = ["--json", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png")]
-    done = cli.invoke(app, ["bench", *model, "--batch-size", "2", *out])
+    done = cli.invoke(app, ["bench", *model, "--batch-size", "2", "--no-submodels", *out])
     assert done.exit_code == 0, done.output
     assert "p50 ms" in done.output and "skipped onnxruntime fp32 cpu" in done.output
     records = json.loads((tmp_path / "b.json").read_text())["records"]
     assert [r["batch_size"] for r in records if r["status"] == "ok"] == [2]
+    assert [set(r["stages_ms"]) for r in records if r["status"] == "ok"] == [{"pre", "network", "post"}]
     assert (tmp_path / "b.png").stat().st_size > 10_000
 
 
@@ -143,7 +143,7 @@ def test_explicit_unavailable_backend_raises_before_timing(tiny_bundle: ModelBun
         run_bench(BenchConfig(model=tiny_bundle.vae.parent, backends=("tensorrt",), device="cpu"))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_gpu_records_memory_roofline_and_fused_agreement(tiny_bundle: ModelBundle) -> None:
     """Eager FP32 (host OpenCV, as the official code) against eager FP16 and compiled, fused on the GPU."""
     config = BenchConfig(
