@@ -1,89 +1,146 @@
 #!/usr/bin/env bash
-# The GPU checks of everything landed, on a bare lent GPU machine, phase by phase (each fits in one
-# 10-minute `run` call; the machine keeps /tmp between warm calls):
+# The GPU checks of everything landed, on a bare lent GPU machine, in two `run` calls sized for the
+# 15 minutes of device time a session has, the machine's start included (benchmarks/README.md):
 #
-#   bash benchmarks/gpu_check.sh setup    # join and install the carried wheels, record the machine
-#   bash benchmarks/gpu_check.sh tests    # the test suite, GPU tests included
-#   bash benchmarks/gpu_check.sh export   # full-size random-weight model -> ONNX -> engines (if a TensorRT can)
-#   bash benchmarks/gpu_check.sh bench    # gms-deploy bench over every backend: JSON, plot, table
-#   bash benchmarks/gpu_check.sh all      # all four, for a machine with no 10-minute limit
+#   bash benchmarks/gpu_check.sh first    # carry .whl/1: install, GPU tests, bench eager and compiled
+#   bash benchmarks/gpu_check.sh second   # carry .whl/2, while the machine is warm: TensorRT for RTX
+#                                         # on this GPU and, if it builds here, the full-size engines
 #
-# Wheels: benchmarks/fetch_wheels.sh, run beforehand on a machine with pip, fills .whl/1, .whl/2 and
-# .whl/3 (each under the 64 MiB a call carries). Everything lands under $OUT (default out/gpu_check):
-# gpu_check.log, environment.txt, tests.log, bench.json, bench.png, bench.txt.
-# The same script runs on a machine without a GPU (GPU tests skip, bench times the CPU), which is how
-# it is checked here; BENCH_ARGS adds `gms-deploy bench` options (e.g. "--iterations 5").
+# Before them, here: `bash benchmarks/fetch_wheels.sh` (fills .whl/1 and .whl/2). The second call
+# finds what the first left in $GPU_CHECK_WORK, which a warm machine keeps.
+# Every step has a time limit of its own, so a hung one costs its limit and the rest still run; each
+# result lands under $OUT (default out/gpu_check) as its step ends: gpu_check.log, environment.txt,
+# tests.log, bench-eager.{json,png}, bench-compiled.{json,png}; then tests-trt.log, export.log,
+# bench-trt.{json,png}.
+# GPU_CHECK_CPU=1 rehearses it on a machine without a GPU, with this project's .venv and nothing
+# installed: the demo model, batch 1, one iteration (GPU tests skip, bench times the CPU).
 set -uo pipefail
 shopt -s nullglob
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out/gpu_check}
 WORK=${GPU_CHECK_WORK:-/tmp/gms-gpu-check}
-PY=${PYTHON:-python3}
+REHEARSAL=${GPU_CHECK_CPU:-0}
+if [ "$REHEARSAL" = 1 ]; then
+    PY=${PYTHON:-.venv/bin/python} BATCHES=(--batch-size 1) ITERATIONS=1 MODEL=$PWD/gms_deploy/data/demo
+else
+    PY=${PYTHON:-python3} BATCHES=(--batch-size 1 --batch-size 32) ITERATIONS=10 MODEL=$WORK/full
+fi
 mkdir -p "$OUT" "$WORK"
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
+status=0
 
-setup() {
-    local part name
-    for part in .whl/1/*.part1; do
-        name=$(basename "$part" .part1)
-        cat "$part" ".whl/2/$name.part2" > "$WORK/$name" || return 1
-    done
-    local wheels=(.whl/3/*.whl "$WORK"/*.whl)
-    if [ ${#wheels[@]} -gt 0 ]; then
-        $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-            --target "$WORK/site" "${wheels[@]}" || return 1
+# step NAME SECONDS COMMAND...: run it under its limit, log how long it took, remember a failure.
+# A shell function (unpacking, installing: local work) cannot run under `timeout` and runs unlimited.
+step() {
+    local name=$1 limit=$2 start=$SECONDS rc
+    shift 2
+    echo "== $name (limit ${limit} s) $(date -u +%H:%M:%S)"
+    if declare -F "$1" > /dev/null; then
+        "$@"
+    else
+        timeout --kill-after=10 "$limit" "$@"
     fi
-    # This checkout too, so that its version is recorded (setuptools is in the image).
-    $PY -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --upgrade \
-        --target "$WORK/site" . || return 1
-    {
-        date -u +"%Y-%m-%dT%H:%M:%SZ"
-        nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
-        $PY - <<'PY'
-import importlib.metadata as m, platform, torch
+    rc=$?
+    echo "== $name: rc $rc after $((SECONDS - start)) s$([ $rc = 124 ] && echo ', out of time')"
+    [ $rc = 0 ] || status=1
+    return $rc
+}
+
+install_wheels() {
+    [ "$REHEARSAL" = 1 ] && return 0
+    local wheels=("$@")
+    [ ${#wheels[@]} -gt 0 ] || return 0
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target "$WORK/site" "${wheels[@]}"
+}
+
+environment() {
+    date -u +"%Y-%m-%dT%H:%M:%SZ"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
+    $PY - "$@" <<'PY'
+import importlib.metadata as m, platform, sys, torch
 print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
 if torch.cuda.is_available():
     print("gpu", torch.cuda.get_device_name(), torch.cuda.get_device_capability())
-for name in ("onnx", "onnxruntime", "onnxruntime-gpu", "diffusers", "nvidia-modelopt", "tensorrt",
-             "tensorrt-rtx-cu13-bindings", "opencv-python-headless", "numpy"):
+for name in sys.argv[1:]:
     try:
         print(name, m.version(name))
     except m.PackageNotFoundError:
         print(name, "absent")
 PY
-    } | tee "$OUT/environment.txt"
 }
 
-tests() {
-    $PY -m pytest -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/tests.log"
-}
-
-export_model() {
-    rm -rf "$WORK/src" "$WORK/full" "$WORK/export" && mkdir -p "$WORK/src"
+# The released architecture with random weights: speed does not depend on the weights.
+make_model() {
+    [ -f "$MODEL/gms.json" ] && return 0
     $PY -c "from pathlib import Path; from gms_deploy.bundle import random_full_size as r; \
-r(Path('$WORK/src')).save(Path('$WORK/full'))" || return 1
-    $PY -m gms_deploy export --model "$WORK/full" --out "$WORK/export" 2>&1 | tee "$OUT/export.log" || return 1
-    # TensorRT for RTX has no Hopper target: on an H100 this build is expected to fail, and says why.
-    $PY -m gms_deploy build "$WORK/export" --opt-batch 8 --max-batch 32 2>&1 | tee -a "$OUT/export.log"
+r(Path('$WORK/src')).save(Path('$MODEL'))"
 }
 
-bench() {
-    local export_args=()
-    [ -f "$WORK/export/manifest.json" ] && export_args=(--export "$WORK/export")
-    # shellcheck disable=SC2086  # BENCH_ARGS is a list of options
-    $PY -m gms_deploy bench --model "$WORK/full" "${export_args[@]}" \
-        --json "$OUT/bench.json" --plot "$OUT/bench.png" ${BENCH_ARGS:-} | tee "$OUT/bench.txt"
+# Frames as a cart sees them: the 30-frame ultrasound cine pydicom ships (one size, 320 x 240).
+cine() {
+    $PY -c "from pydicom.data import get_testdata_file; print(get_testdata_file('examples_ybr_color.dcm'))"
 }
 
-status=0
-case "${1:-all}" in
-    setup) setup || status=1 ;;
-    tests) tests || status=1 ;;
-    export) export_model || status=1 ;;
-    bench) bench || status=1 ;;
-    all) for phase in setup tests export_model bench; do $phase || status=1; done ;;
-    *) echo "usage: $0 [setup|tests|export|bench|all]" >&2; exit 2 ;;
+first() {
+    # Half of TensorRT for RTX's libraries waits here for the second call.
+    cp .whl/1/trt-libs.tar.xz.part1 "$WORK/" 2>/dev/null
+    step install 90 install_wheels .whl/1/*.whl || return 1
+    if [ "$REHEARSAL" != 1 ]; then  # this checkout too, so that records carry its version
+        $PY -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --upgrade \
+            --target "$WORK/site" . || echo "(the checkout's version goes unrecorded)"
+    fi
+    environment gms-deploy diffusers pydicom onnx onnxruntime opencv-python-headless numpy \
+        | tee "$OUT/environment.txt"
+    step tests 180 bash -o pipefail -c "$PY -m pytest -m gpu -v -rs --durations=0 -p no:cacheprovider \
+        | tee '$OUT/tests.log'"
+    step model 60 make_model || return 1
+    local common=(--model "$MODEL" --frames "$(cine)" "${BATCHES[@]}" --iterations "$ITERATIONS")
+    step bench-eager 110 "$PY" -m gms_deploy bench "${common[@]}" --backend torch \
+        --json "$OUT/bench-eager.json" --plot "$OUT/bench-eager.png"
+    # Compiling costs a minute or more per batch size: the whole network only, not each sub-model.
+    step bench-compiled 200 "$PY" -m gms_deploy bench "${common[@]}" --backend torch-compiled \
+        --no-submodels --json "$OUT/bench-compiled.json" --plot "$OUT/bench-compiled.png"
+}
+
+unpack_trt_libs() {
+    [ "$REHEARSAL" = 1 ] && return 0
+    if [ ! -f "$WORK/trt-libs.tar.xz.part1" ]; then
+        echo "no $WORK/trt-libs.tar.xz.part1: this machine did not run \`first\` (it went cold?)"
+        return 1
+    fi
+    cat "$WORK/trt-libs.tar.xz.part1" .whl/2/trt-libs.tar.xz.part2 | $PY -c "import sys, tarfile; \
+tarfile.open(fileobj=sys.stdin.buffer, mode='r|xz').extractall(sys.argv[1], filter='tar')" "$WORK/site"
+}
+
+second() {
+    step unpack 60 unpack_trt_libs || return 1
+    step install 60 install_wheels .whl/2/*.whl || return 1
+    environment tensorrt-rtx-cu13-bindings tensorrt-rtx-cu13-libs nvidia-modelopt polygraphy \
+        | tee -a "$OUT/environment.txt"
+    step tests-trt 120 bash -o pipefail -c "$PY -m pytest -m gpu -v -rs -p no:cacheprovider \
+        tests/test_engines.py | tee '$OUT/tests-trt.log'"
+    # Building for the GPU present: TensorRT for RTX lists no Hopper target, so on an H100 or H200
+    # this is the finding, in one line. The demo model says it in seconds.
+    if ! step probe 60 "$PY" -m gms_deploy export --out "$WORK/probe" --precision fp16 --no-validate \
+        --overwrite --engines; then
+        echo "TensorRT for RTX does not build for this GPU; no engine to benchmark"
+        return 1
+    fi
+    step model 60 make_model || return 1
+    step export 200 bash -o pipefail -c "$PY -m gms_deploy export --model '$MODEL' --out '$WORK/export' \
+        --precision fp16 --no-validate --overwrite 2>&1 | tee '$OUT/export.log' \
+        && $PY -m gms_deploy build '$WORK/export' --max-batch 32 2>&1 | tee -a '$OUT/export.log'" || return 1
+    step bench-trt 150 "$PY" -m gms_deploy bench --model "$MODEL" --export "$WORK/export" \
+        --frames "$(cine)" "${BATCHES[@]}" --iterations "$ITERATIONS" --backend tensorrt \
+        --json "$OUT/bench-trt.json" --plot "$OUT/bench-trt.png"
+}
+
+case "${1:-}" in
+    first) first || status=1 ;;
+    second) second || status=1 ;;
+    *) echo "usage: $0 first|second" >&2; exit 2 ;;
 esac
-echo "gpu_check ${1:-all}: $([ $status = 0 ] && echo ok || echo FAILED)"
+echo "gpu_check $1: $([ $status = 0 ] && echo ok || echo FAILED)"
 exit $status
