@@ -4,13 +4,15 @@
 #
 #   bash benchmarks/gpu_check.sh first    # carry .whl/1: install, GPU tests, bench eager and compiled
 #   bash benchmarks/gpu_check.sh second   # carry .whl/2, while the machine is warm: TensorRT for RTX
-#                                         # on this GPU and, if it builds here, the full-size engines
+#                                         # on this GPU (tests, and a build of the demo model)
+#   bash benchmarks/gpu_check.sh engines  # only where `second` says TensorRT builds here: the
+#                                         # full-size engines against eager FP32
 #
 # Before them, here: `bash benchmarks/fetch_wheels.sh` (fills .whl/1 and .whl/2). The second call
 # finds what the first left in $GPU_CHECK_WORK, which a warm machine keeps.
 # Every step has a time limit of its own, so a hung one costs its limit and the rest still run; each
 # result lands under $OUT (default out/gpu_check) as its step ends: gpu_check.log, environment.txt,
-# tests.log, bench-eager.{json,png}, bench-compiled.{json,png}; then tests-trt.log, export.log,
+# tests.log, bench-eager.{json,png}, bench-compiled.{json,png}; tests-trt.log; export.log,
 # bench-trt.{json,png}.
 # GPU_CHECK_CPU=1 rehearses it on a machine without a GPU, with this project's .venv and nothing
 # installed: the demo model, batch 1, one iteration (GPU tests skip, bench times the CPU).
@@ -128,6 +130,10 @@ second() {
         echo "TensorRT for RTX does not build for this GPU; no engine to benchmark"
         return 1
     fi
+    echo "TensorRT for RTX builds for this GPU: \`gpu_check.sh engines\` benches the full-size engines"
+}
+
+engines() {
     step model 60 make_model || return 1
     step export 200 bash -o pipefail -c "$PY -m gms_deploy export --model '$MODEL' --out '$WORK/export' \
         --precision fp16 --no-validate --overwrite 2>&1 | tee '$OUT/export.log' \
@@ -140,7 +146,8 @@ second() {
 case "${1:-}" in
     first) first || status=1 ;;
     second) second || status=1 ;;
-    *) echo "usage: $0 first|second" >&2; exit 2 ;;
+    engines) engines || status=1 ;;
+    *) echo "usage: $0 first|second|engines" >&2; exit 2 ;;
 esac
 echo "gpu_check $1: $([ $status = 0 ] && echo ok || echo FAILED)"
 exit $status

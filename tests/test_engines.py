@@ -183,7 +183,7 @@ def test_tensorrt_runner_says_there_is_no_gpu(built: Path) -> None:
 def test_tensorrt_runner_matches_onnxruntime_on_a_gpu(built: Path, rtx: Flavour) -> None:
     """Built for the GPU present (replacing the SM86 engines), run, and compared with ONNX Runtime.
 
-    Where TensorRT for RTX lists no target for this GPU (the H100's SM90), it is still tried: what it
+    Where TensorRT for RTX lists no target for this GPU (Hopper's SM90), it is still tried: what it
     does there is the finding, reported as the skip's reason.
     """
     target = "SM{}{}".format(*torch.cuda.get_device_capability())
