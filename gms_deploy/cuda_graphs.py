@@ -33,9 +33,9 @@ class Graphed:
     """``fn(x, *args)`` replayed as one CUDA graph per (shape, dtype, device of ``x``, ``args``).
 
     ``fn`` must be a pure tensor function of ``x`` (``args`` are hashable constants) whose constant
-    tensors live for the process, as graphs keep their addresses. The result of a replay is the
-    graph's own output buffer, and the graphs share one pool: use or copy it before the next call,
-    whatever its shape (a graph captured earlier may keep its intermediates where this one's output is).
+    tensors live for the process, as graphs keep their addresses. A replay returns a copy of the
+    graph's output buffer: the graphs share one pool, so a graph captured earlier may keep its
+    intermediates where this one's output is, and replaying it would overwrite a buffer handed out.
     """
 
     def __init__(self, fn: Callable[..., torch.Tensor], capacity: int = 8) -> None:
@@ -60,7 +60,7 @@ class Graphed:
             graph, static_in, static_out = self._graphs[key]
             static_in.copy_(x)
             graph.replay()
-        return static_out
+            return static_out.clone()
 
     def _capture(self, key: _Key, x: torch.Tensor, args: tuple[Hashable, ...]) -> bool:
         static_in = x.clone()

@@ -176,10 +176,7 @@ class FusedSegmenter(Segmenter):
         masks: list[torch.Tensor] = [torch.empty(0)] * len(batch)
         for indices in _alike(batch, with_dtype=False):  # one replay per size
             height, width = batch[indices[0]].shape[:2]
-            # Copied out at once: the graphs share a memory pool, so the next size's replay may
-            # overwrite this one's output (as soon as sizes come in another order than captured).
-            group = self._masks(probs[indices], height, width, threshold).clone()
-            for i, mask in zip(indices, group, strict=True):
+            for i, mask in zip(indices, self._masks(probs[indices], height, width, threshold), strict=True):
                 masks[i] = mask.reshape(-1)
         flat = torch.cat(masks)
         staging = self._host_buffer("masks", flat.numel())
