@@ -22,6 +22,7 @@ import torch
 from test_export import cli
 
 from gms_deploy.backends import BackendError, open_runner
+from gms_deploy.backends.onnxruntime import read_manifest
 from gms_deploy.bundle import ModelBundle
 from gms_deploy.cli import app
 from gms_deploy.engines import GRAPHS, EngineRecord, GpuInfo, build_engines, check_engine
@@ -187,7 +188,7 @@ def test_tensorrt_runner_matches_onnxruntime_on_a_gpu(built: Path, rtx: Flavour)
     does there is the finding, reported as the skip's reason.
     """
     target = "SM{}{}".format(*torch.cuda.get_device_capability())
-    size = json.loads((built / MANIFEST).read_text())["settings"]["image_size"]
+    size = read_manifest(built)["settings"].image_size
     images = np.random.default_rng(0).uniform(-1, 1, (3, 3, size, size)).astype(np.float32)
     try:
         build_engines(built, flavour="rtx", max_batch=2)
