@@ -4,6 +4,7 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEMO_OUT ?= out/demo
 
 .PHONY: demo test lint clean
 
@@ -15,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/gms-deploy infer gms_deploy/data/samples/images --out out/demo --overlay
+	$(BIN)/gms-deploy infer gms_deploy/data/samples/images --out $(DEMO_OUT) --overlay
 
 test: $(STAMP)
 	$(BIN)/ruff check .
