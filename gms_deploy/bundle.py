@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from gms_deploy.model.checkpoints import CheckpointError
-from gms_deploy.model.gms import SCALE_FACTOR, GMSModel
+from gms_deploy.model.gms import SCALE_FACTOR, GMSModel, check_image_size
 from gms_deploy.model.mapper import load_mapper
 from gms_deploy.model.vae import load_vae
 
@@ -34,8 +34,7 @@ class Settings:
     threshold: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.image_size <= 0 or self.image_size % 8:
-            raise ValueError(f"image_size must be a positive multiple of 8, got {self.image_size}")
+        check_image_size(self.image_size)
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"threshold must lie strictly between 0 and 1, got {self.threshold}")
 

@@ -128,7 +128,7 @@ def export(
     vae: VaeOpt = None,
     mapper: MapperOpt = None,
     image_size: Annotated[
-        int | None, typer.Option("--image-size", help="Any multiple of 8; default: the model's.")
+        int | None, typer.Option("--image-size", help="A multiple of 8, at most 2048; default: the model's.")
     ] = None,
     precision: Annotated[list[str], typer.Option(help="fp32 and/or fp16 (repeat the flag).")] = [  # noqa: B006
         "fp32",

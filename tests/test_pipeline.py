@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -29,6 +30,7 @@ from gms_deploy.cli import app
 from gms_deploy.infer import InferOptions, run_inference
 from gms_deploy.io.images import read_image
 from gms_deploy.metrics import dice
+from gms_deploy.model.checkpoints import CheckpointError
 from gms_deploy.segment import FusedSegmenter, HostSegmenter, Segmenter, segmenter_for
 from gms_deploy.stream import Prefetch, Writer
 
@@ -298,9 +300,21 @@ def test_auto_takes_onnxruntime_for_an_export(tiny_onnx: Path) -> None:
     assert "torch-compiled: needs a CUDA GPU" in why
 
 
-def test_auto_says_why_nothing_runs(tmp_path: Path) -> None:
-    with pytest.raises(BackendError, match=r"torch on cpu: .*not a model bundle"):
+def test_auto_says_why_nothing_runs(tiny_onnx: Path, tmp_path: Path) -> None:
+    export = shutil.copytree(tiny_onnx, tmp_path / "export")
+    with (export / "gms_fp32.onnx").open("ab") as f:
+        f.write(b"\0")
+    with pytest.raises(BackendError, match=r"^no backend can run .*onnxruntime on cpu: .*SHA-256 does not"):
+        open_auto(export, device="cpu")
+
+
+def test_auto_reports_a_broken_model_as_itself(tiny_bundle: ModelBundle, tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="not a model bundle"):
         open_auto(tmp_path, device="cpu")
+    bundle = shutil.copytree(tiny_bundle.vae.parent, tmp_path / "bundle")
+    (bundle / "mapper.pth").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"^\S*mapper.pth: file is empty$"):
+        open_auto(bundle, device="cpu")
 
 
 # On a GPU (skipped elsewhere)

@@ -6,7 +6,6 @@ from pathlib import Path
 
 from gms_deploy.backends.base import EXPORT_MANIFEST, BackendError, DeviceRunner, Runner
 from gms_deploy.bundle import ModelBundle, demo_bundle
-from gms_deploy.model.checkpoints import CheckpointError
 
 BACKENDS = ("auto", "torch", "torch-compiled", "onnxruntime", "tensorrt")
 AUTO_ORDER = ("tensorrt", "torch-compiled", "onnxruntime", "torch")
@@ -80,7 +79,9 @@ def open_auto(
 
     Tried in ``AUTO_ORDER``; the export-folder backends only for an export folder, the PyTorch ones
     only for weights, the GPU-only ones only on a GPU. ONNX Runtime falls back to its CPU provider
-    where it has no CUDA one. A candidate that fails to open is passed over with its own reason.
+    where it has no CUDA one. A candidate that fails to open is passed over with its own reason,
+    except for a broken model (``CheckpointError``): every backend would read the same files, so
+    it is raised as it is rather than buried at the end of the list of backends passed over.
     """
     chosen = resolve_device(device)
     exported = model is not None and (model / EXPORT_MANIFEST).is_file()
@@ -97,7 +98,7 @@ def open_auto(
         for where in dict.fromkeys((chosen, "cpu") if backend == "onnxruntime" else (chosen,)):
             try:
                 runner = open_runner(backend, model, vae, mapper, where, precision)
-            except (BackendError, CheckpointError, ImportError) as err:
+            except (BackendError, ImportError) as err:
                 passed.append(f"{backend} on {where}: {err}")
                 continue
             why = f"; passed over {'; '.join(passed)}" if passed else ""

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from gms_deploy.metrics import dice
-from gms_deploy.model.gms import SCALE_FACTOR, GMSModel
+from gms_deploy.model.gms import SCALE_FACTOR, GMSModel, check_image_size
 from gms_deploy.model.mapper import HEADS, LatentMapper, MapperConfig, load_mapper
 from gms_deploy.model.vae import load_vae
 from gms_deploy.train.data import SegmentationDataset, find_split
@@ -80,8 +80,7 @@ class TrainConfig:
                 raise ValueError(f"unknown head {name!r}; choose from {', '.join(HEADS)}")
         if self.cache_latents and self.augment:
             raise ValueError("cache_latents needs augment off: augmented images have no fixed latent")
-        if self.image_size % 8 or self.image_size <= 0:
-            raise ValueError(f"image_size must be a positive multiple of 8, got {self.image_size}")
+        check_image_size(self.image_size)
         if min(self.epochs, self.batch_size, self.val_every) < 1 or self.warmup_epochs < 0:
             raise ValueError("epochs, batch_size and val_every must be >= 1 and warmup_epochs >= 0")
 
