@@ -111,6 +111,19 @@ BROKEN = {
         _edit_manifest(lambda d: d.update(format_version=99)),
         "format version 99, this gms-deploy reads version 1",
     ),
+    "graphs not a list": (_edit_manifest(lambda d: d.update(graphs=5)), "'graphs' is not a list"),
+    "file outside the folder": (
+        _edit_manifest(lambda d: d["graphs"][-1].update(file="../gms_fp32.onnx")),
+        "'../gms_fp32.onnx' is not the name of a file in the export folder",
+    ),
+    "tensor not an object": (
+        _edit_manifest(lambda d: d["graphs"][-1].update(inputs=[5])),
+        "] tensor 0 is not an object",
+    ),
+    "engine record damaged": (
+        _edit_manifest(lambda d: d.update(engines=[{"graph": "gms"}])),
+        "engines[0]: 'precision' is missing or of the wrong type",
+    ),
     "unlisted graph": (
         _edit_manifest(lambda d: d.update(graphs=[g for g in d["graphs"] if g["graph"] != "gms"])),
         "lists no gms graph in fp32",

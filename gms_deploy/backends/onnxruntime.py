@@ -10,6 +10,7 @@ naming the file and the problem rather than a stack trace from inside onnxruntim
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ def read_manifest(export_dir: Path) -> dict[str, Any]:
             f"{path}: needs ONNX opset {opset}, the installed onnx {onnx.__version__} reads up to "
             f"{onnx.defs.onnx_opset_version()}"
         )
+    _check_fields(data, path)
     if not data.get("validation", {}).get("ok", True):
         raise BackendError(f"{path}: this export failed validation against PyTorch (see its 'validation')")
     try:
@@ -54,6 +56,45 @@ def read_manifest(export_dir: Path) -> dict[str, Any]:
     except (KeyError, TypeError, ValueError) as err:
         raise BackendError(f"{path}: invalid settings ({err})") from None
     return data
+
+
+# What every reader of a manifest takes for granted, field by field, so that a hand-edited or
+# damaged manifest ends in one line here instead of a TypeError deep in a backend or the builder.
+GRAPH_FIELDS = {"graph": str, "precision": str, "file": str, "sha256": str, "inputs": list, "outputs": list,
+                "external_data": list}  # fmt: skip
+TENSOR_FIELDS = {"name": str, "shape": list}
+ENGINE_FIELDS = {"graph": str, "precision": str, "file": str, "sha256": str, "flavour": str, "version": str,
+                 "targets": list, "gpu": (dict, type(None)), "profile": dict, "onnx_sha256": str}  # fmt: skip
+FILE_NAME = re.compile(r"[\w.+-]+")
+
+
+def _check_fields(data: dict[str, Any], path: Path) -> None:
+    """Types of the entries each reader uses, and file names that stay inside the export folder."""
+    if not isinstance(data.get("validation", {}), dict):
+        raise BackendError(f"{path}: 'validation' is not an object")
+    for key, fields in (("graphs", GRAPH_FIELDS), ("engines", ENGINE_FIELDS)):
+        entries = data.get(key, [])
+        if not isinstance(entries, list):
+            raise BackendError(f"{path}: '{key}' is not a list")
+        for i, entry in enumerate(entries):
+            where = f"{path}: {key}[{i}]"
+            _check_types(entry, fields, where)
+            if key == "graphs":
+                for j, tensor in enumerate((*entry["inputs"], *entry["outputs"])):
+                    _check_types(tensor, TENSOR_FIELDS, f"{where} tensor {j}")
+            elif not all(isinstance(target, str) for target in entry["targets"]):
+                raise BackendError(f"{where}: 'targets' holds a non-string")
+            for name in (entry["file"], *entry.get("external_data", [])):
+                if not (isinstance(name, str) and FILE_NAME.fullmatch(name) and name.strip(".")):
+                    raise BackendError(f"{where}: {name!r} is not the name of a file in the export folder")
+
+
+def _check_types(entry: object, fields: dict[str, type | tuple[type, ...]], where: str) -> None:
+    if not isinstance(entry, dict):
+        raise BackendError(f"{where} is not an object")
+    for field, kind in fields.items():
+        if not isinstance(entry.get(field), kind):
+            raise BackendError(f"{where}: '{field}' is missing or of the wrong type")
 
 
 def graph_entry(manifest: dict[str, Any], export_dir: Path, graph: str, precision: str) -> dict[str, Any]:
