@@ -111,10 +111,31 @@ def test_config_file_and_overrides(tmp_path: Path) -> None:
     assert (config.epochs, config.dice_heads, config.lr, config.batch_size) == (7, ("out",), 5e-4, 8)
     with pytest.raises(ValueError, match="unknown"):
         config.with_overrides(learning_rate=1.0)
+    assert config.with_overrides(lr=1).lr == 1  # JSON writes 1.0 as 1: an int goes where a float does
     with pytest.raises(ValueError, match="cache_latents"):
         TrainConfig(augment=True, cache_latents=True)
     with pytest.raises(ValueError, match="head"):
         TrainConfig(dice_heads=("middle",))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("{", r"train.json: not a JSON config \(Expecting property name"),
+        ("[]", "train.json: a config must be a JSON object"),
+        ('{"epochs": "x"}', "training option epochs: expected int, got 'x'"),
+        ('{"batch_size": 1.5}', "training option batch_size: expected int, got 1.5"),
+        ('{"warmup_epochs": true}', "training option warmup_epochs: expected int, got True"),
+        ('{"lr": "fast"}', "training option lr: expected float, got 'fast'"),
+        ('{"dice_heads": 5}', r"training option dice_heads: expected tuple\[str, ...\], got 5"),
+        ('{"split_file": 3}', r"training option split_file: expected str \| None, got 3"),
+    ],
+)
+def test_a_bad_config_file_is_refused_in_one_line(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "train.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        TrainConfig.from_file(path)
 
 
 def test_loss_goes_down_and_checkpoints_load(tiny: tuple[Path, Path], tmp_path: Path) -> None:
