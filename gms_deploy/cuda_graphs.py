@@ -68,7 +68,12 @@ class Graphed:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         try:
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            # The outer stream context puts the caller's stream back where capture fails:
+            # torch.cuda.graph's own exit raises before it restores it.
+            with (
+                torch.cuda.stream(torch.cuda.current_stream(x.device)),
+                torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"),
+            ):
                 static_out = self.fn(static_in, *args)
         except torch.OutOfMemoryError:
             raise  # the caller's to handle (a smaller batch), not a reason to give up graphs

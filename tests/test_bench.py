@@ -145,9 +145,18 @@ def test_explicit_unavailable_backend_raises_before_timing(tiny_bundle: ModelBun
 
 @pytest.mark.gpu
 def test_gpu_records_memory_roofline_and_fused_agreement(tiny_bundle: ModelBundle) -> None:
-    """Eager FP32 (host OpenCV, as the official code) against eager FP16 and compiled, fused on the GPU."""
+    """Eager FP32 (host OpenCV, as the official code) against eager FP16 and compiled, fused on the GPU.
+
+    Without the per-sub-model timings, which the CPU tests cover: compiled, each sub-model would
+    compile once more per batch size, minutes of the GPU check's budget.
+    """
     config = BenchConfig(
-        model=tiny_bundle.vae.parent, batch_sizes=(1, 4), device="cuda", warmup=2, iterations=3
+        model=tiny_bundle.vae.parent,
+        batch_sizes=(1, 4),
+        device="cuda",
+        warmup=2,
+        iterations=3,
+        submodels=False,
     )
     records = _ran(run_bench(config))
     assert {r.backend for r in records} >= {"torch", "torch-compiled"}
@@ -159,5 +168,5 @@ def test_gpu_records_memory_roofline_and_fused_agreement(tiny_bundle: ModelBundl
         assert r.device.startswith("cuda") and r.peak_gpu_mem_mib is not None and r.peak_gpu_mem_mib > 0
         assert r.achieved_tflop_s is not None and r.achieved_tflop_s > 0
         assert r.dice_min is not None and r.dice_min >= 0.99
-        assert {"pre", "network", "post", "encoder", "mapper", "decoder"} <= set(r.stages_ms)
+        assert {"pre", "network", "post"} <= set(r.stages_ms)
     assert "TFLOP/s" in format_table(records)

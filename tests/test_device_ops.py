@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import cv2
@@ -217,3 +219,27 @@ def test_without_ipp_the_cpu_path_keeps_the_official_numerics(shape: tuple[int, 
         cv2.ipp.setUseIPP(True)
     assert not np.array_equal(own_loop, ipp_resize), "OpenCV's own loop rounds otherwise"
     assert np.array_equal(without[0], with_ipp[0]) and np.array_equal(without[1], with_ipp[1])
+
+
+FAILED_CAPTURE = """
+import logging, torch
+from gms_deploy.cuda_graphs import Graphed
+logging.basicConfig(level=logging.WARNING)
+def syncs(x):  # .item() waits for the GPU, which a stream being captured forbids
+    return x * float(x.sum().item())
+graphed, x, stream = Graphed(syncs), torch.ones(4, device="cuda"), torch.cuda.Stream()
+with torch.cuda.stream(stream):
+    for _ in range(3):  # eager, failed capture, eager
+        assert torch.equal(graphed(x), syncs(x))
+        assert torch.cuda.current_stream() == stream, "capture left its own stream current"
+assert not graphed.enabled
+print("fell back")
+"""
+
+
+@pytest.mark.gpu
+def test_a_failed_capture_runs_eagerly_on_the_callers_stream() -> None:
+    """In a process of its own: a failed capture must not leave this one's CUDA state to other tests."""
+    done = subprocess.run([sys.executable, "-c", FAILED_CAPTURE], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "fell back" in done.stdout, done.stdout + done.stderr
+    assert "syncs: running without CUDA graphs" in done.stderr

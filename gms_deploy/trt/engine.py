@@ -5,9 +5,11 @@ stream, so no pycuda or cuda-python is needed. Buffers are allocated once per ba
 CUDA graphs remove the per-call launch overhead that dominates at small batches, and the two
 flavours get them differently, each as its makers document: TensorRT for RTX captures and replays
 its own graphs (``CudaGraphStrategy.WHOLE_GRAPH_CAPTURE``; capturing its launch from outside needs
-an engine built for user allocation), TensorRT's launch is captured here, once per batch size,
-right after an uncaptured run at that size (as TensorRT's demo/Diffusion does), and where capture
-fails the engine runs uncaptured with a warning. TensorRT for RTX compiles kernels just in time:
+an engine built for user allocation), TensorRT's launch is captured here right after an
+uncaptured run at a batch size (as TensorRT's demo/Diffusion does), and where capture fails the
+engine runs uncaptured with a warning. A captured launch holds the shapes its context had, so one
+context keeps one graph: another batch size (a run's last, partial batch) runs uncaptured and is
+captured in its place. TensorRT for RTX compiles kernels just in time:
 eagerly for each new batch size (so a benchmark's warm-up settles them), kept in a runtime cache
 file so that later processes start fast.
 """
@@ -56,7 +58,8 @@ class Engine:
             self._cache: Any = None  # TensorRT for RTX's IRuntimeCache, where there is one
             self._capture = cuda_graphs  # this class captures; TensorRT for RTX captures itself
             if hasattr(self.engine, "create_runtime_config"):
-                self.context = self.engine.create_execution_context(self._runtime_config(trt))
+                self._config = self._runtime_config(trt)  # the context refers to it: kept alive with it
+                self.context = self.engine.create_execution_context(self._config)
             else:
                 self.context = self.engine.create_execution_context()
         if self.context is None:
@@ -66,7 +69,7 @@ class Engine:
         self.outputs = [n for n in names if n not in self.inputs]
         self.stream = torch.cuda.Stream(device)
         self._buffers: dict[int, dict[str, torch.Tensor]] = {}
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._graph: tuple[int, torch.cuda.CUDAGraph] | None = None  # batch size, its launch
 
     def _dtype(self, name: str) -> torch.dtype:
         return DTYPES[self.engine.get_tensor_dtype(name).name]
@@ -120,8 +123,8 @@ class Engine:
         with torch.cuda.stream(self.stream):
             for name, tensor in feeds.items():
                 buffers[name].copy_(tensor)
-            if batch in self._graphs:
-                self._graphs[batch].replay()
+            if self._graph is not None and self._graph[0] == batch:
+                self._graph[1].replay()
             else:
                 self._execute()
                 if self._capture:
@@ -144,7 +147,7 @@ class Engine:
             log.warning("%s: running without CUDA graphs: %s", self.path.name, one_line(err))
             self._capture = False
             return
-        self._graphs[batch] = graph
+        self._graph = (batch, graph)
 
     def save_runtime_cache(self) -> None:
         """Persist TensorRT for RTX's just-in-time kernels (a no-op without a runtime cache)."""
@@ -152,7 +155,11 @@ class Engine:
             return
         self.stream.synchronize()
         data = bytes(self._cache.serialize())
-        write_atomic(self.runtime_cache, lambda f: f.write(data))
+        try:
+            write_atomic(self.runtime_cache, lambda f: f.write(data))
+        except OSError as err:  # a read-only export on a cart, a full disk: slower starts, same masks
+            log.warning("%s: runtime cache not saved: %s", self.path.name, one_line(err))
+            return
         log.info("%s: runtime cache saved to %s (%d bytes)", self.path.name, self.runtime_cache, len(data))
 
     def profile_batches(self) -> tuple[int, int]:
