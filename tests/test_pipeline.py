@@ -253,15 +253,21 @@ from gms_deploy.backends.torch_eager import TorchRunner
 from gms_deploy.bundle import ModelBundle
 compiled = open_runner("torch-compiled", sys.argv[1], device="cpu")
 images = np.random.default_rng(1).uniform(-1, 1, (3, 3, 32, 32)).astype(np.float32)
-error = float(np.abs(compiled(images) - TorchRunner(ModelBundle.load(Path(sys.argv[1])))(images)).max())
-print(json.dumps({"error": error, "precision": compiled.precision, **counters["inductor"]}))
+eager = TorchRunner(ModelBundle.load(Path(sys.argv[1])))
+error = float(np.abs(compiled(images) - eager(images)).max())
+frames = counters["frames"]["ok"]
+smaller = float(np.abs(compiled(images[:2]) - eager(images[:2])).max())  # padded to 3, not compiled
+recompiled = counters["frames"]["ok"] - frames
+summary = {"error": error, "smaller": smaller, "recompiled": recompiled, "precision": compiled.precision}
+print(json.dumps({**summary, **counters["inductor"]}))
 """
 
 
 def test_torch_compiled_on_the_cpu_matches_eager_and_a_second_process_reuses_the_compile(
     tiny_bundle: ModelBundle, tmp_path: Path
 ) -> None:
-    """One batch size only: each new one compiles afresh (about a minute on two cores).
+    """One batch size only: each larger one compiles afresh (about a minute on two cores), and a
+    smaller one runs padded to it.
 
     The compile cache is in the user's cache folder, not torch's /tmp default, so that a restart
     (or a reboot that empties /tmp) finds it: the second process hits it.
@@ -274,6 +280,7 @@ def test_torch_compiled_on_the_cpu_matches_eager_and_a_second_process_reuses_the
         for _ in range(2)
     )
     assert first["precision"] == "fp32" and first["error"] <= 1e-4 and second["error"] == first["error"]
+    assert first["smaller"] <= 1e-4 and first["recompiled"] == 0
     assert first.get("fxgraph_cache_miss", 0) >= 1 and not first.get("fxgraph_cache_hit")
     assert second.get("fxgraph_cache_hit", 0) >= 1 and not second.get("fxgraph_cache_miss")
     assert (tmp_path / "gms-deploy" / "torchinductor" / "fxgraph").is_dir()

@@ -7,9 +7,10 @@ network as one launch instead of one per kernel (what that saves at batch 1 is f
 bench`` to show on a GPU). On a CPU the same class compiles in FP32, which is how CI proves it
 without a GPU.
 
-Compiling takes a minute or more per batch size; torch keeps what it compiled in a cache under
-``/tmp``, which many systems empty at every boot, so a cart would pay that minute on each start.
-Unless ``TORCHINDUCTOR_CACHE_DIR`` says otherwise, the cache lives under the user's cache folder.
+Compiling takes a minute or more per batch size (a smaller batch reuses a larger one's graph);
+torch keeps what it compiled in a cache under ``/tmp``, which many systems empty at every boot, so
+a cart would pay that minute on each start. Unless ``TORCHINDUCTOR_CACHE_DIR`` says otherwise,
+the cache lives under the user's cache folder.
 """
 
 from __future__ import annotations
@@ -41,14 +42,26 @@ class TorchCompiledRunner(TorchRunner):
         return model.to(self.device).to(memory_format=torch.channels_last)
 
     def _wrap(self, fn: Stage) -> Stage:
-        """Static shapes: one graph (and one CUDA graph) per batch size, never a dynamic-shape kernel."""
+        """Static shapes: one graph (and one CUDA graph) per batch size, never a dynamic-shape kernel.
+
+        A batch smaller than one already compiled (a run's last, or one the out-of-memory fallback
+        halved) is padded with zeros to the smallest such size instead of costing a compile of its
+        own, a minute or more: no sample sees another in this network, so padding changes nothing.
+        """
         run = super()._wrap(torch.compile(fn, mode=self.mode, dynamic=False))
+        compiled: set[int] = set()
 
         def step(x: torch.Tensor) -> torch.Tensor:
+            n = len(x)
+            size = min((b for b in compiled if b >= n), default=n)
+            if size > n:
+                x = torch.cat([x, x.new_zeros((size - n, *x.shape[1:]))])
             if self.device.type == "cuda":
                 torch.compiler.cudagraph_mark_step_begin()
             # A CUDA graph's output is overwritten by its next replay: the caller gets a copy.
-            return run(x.contiguous(memory_format=torch.channels_last)).clone()
+            out = run(x.contiguous(memory_format=torch.channels_last))[:n].clone()
+            compiled.add(size)
+            return out
 
         return step
 
