@@ -53,6 +53,8 @@ class ModelBundle:
         manifest = path / MANIFEST if path.is_dir() else path
         if not manifest.is_file():
             raise CheckpointError(path, f"not a model bundle (no {MANIFEST})")
+        if manifest.suffix != ".json":
+            raise CheckpointError(path, "a file, not a model bundle: give its folder (a bundle or an export)")
         try:
             data = json.loads(manifest.read_text())
             if data.get("format") != FORMAT:
