@@ -15,10 +15,14 @@ from gms_deploy.bundle import ModelBundle
 from gms_deploy.infer import READERS, InferOptions, Roi, run_inference
 from gms_deploy.model.checkpoints import CheckpointError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Segment images and ultrasound DICOM with a GMS model; export it to ONNX and TensorRT; benchmark.",
+)
 
 ModelOpt = Annotated[
-    Path | None, typer.Option("--model", help="Model bundle folder (default: the demo model).")
+    Path | None, typer.Option("--model", help="Model bundle or export folder (default: the demo model).")
 ]
 VaeOpt = Annotated[
     Path | None, typer.Option("--vae", help="VAE: LDM .ckpt/.safetensors or diffusers folder.")
@@ -26,8 +30,29 @@ VaeOpt = Annotated[
 MapperOpt = Annotated[Path | None, typer.Option("--mapper", help="GMS mapper checkpoint (best_model.pth).")]
 
 
+def _print_versions(wanted: bool) -> None:
+    """What a bug report needs: this package, the libraries that compute, the GPU and its driver."""
+    if not wanted:
+        return
+    from gms_deploy.versions import environment
+
+    info = environment()
+    typer.echo(f"gms-deploy {info['gms_deploy'] or '(not installed: run from a checkout)'}")
+    for key in ("python", "torch", "cuda", "gpu", "driver", "onnxruntime", "tensorrt", "tensorrt_rtx"):
+        typer.echo(f"  {key}: {info[key] or '-'}")
+    raise typer.Exit()
+
+
 @app.callback()
-def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+def _setup(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Also say what was ignored or chosen.")
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_versions, is_eager=True, help="Versions, GPU and driver."),
+    ] = False,
+) -> None:
     """One line per problem on stderr, as it happens; ``-v`` adds what was ignored or chosen."""
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
@@ -334,7 +359,8 @@ def bench(
 ) -> None:
     """Time every backend that runs here against eager FP32: latency, throughput, stages, accuracy."""
     from gms_deploy.bench import BenchConfig, run_bench
-    from gms_deploy.bench_report import environment, format_table, plot, write_json
+    from gms_deploy.bench_report import format_table, plot, write_json
+    from gms_deploy.versions import environment
 
     config = BenchConfig(
         model=model,

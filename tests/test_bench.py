@@ -14,9 +14,10 @@ from typer.testing import CliRunner
 
 from gms_deploy.backends import BackendError
 from gms_deploy.bench import BenchConfig, BenchRecord, run_bench
-from gms_deploy.bench_report import environment, format_table, plot, write_json
+from gms_deploy.bench_report import format_table, plot, write_json
 from gms_deploy.bundle import ModelBundle
 from gms_deploy.cli import app
+from gms_deploy.versions import environment
 
 REQUIRED = ("backend", "precision", "batch_size", "latency_ms_p50", "throughput_img_s", "speedup_vs_eager")
 FAST = {"device": "cpu", "warmup": 1, "iterations": 3}
@@ -109,6 +110,15 @@ def test_json_and_plot(ort_records: list[BenchRecord], tmp_path: Path) -> None:
     plot(tmp_path / "bench.png", ort_records)
     png = (tmp_path / "bench.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+
+
+def test_version_says_what_a_bug_report_needs() -> None:
+    """The same facts as a bench record's environment, for a user to paste."""
+    done = cli.invoke(app, ["--version"])
+    info, lines = environment(), done.output.splitlines()
+    assert done.exit_code == 0 and lines[0] == f"gms-deploy {info['gms_deploy']}"
+    assert f"  torch: {info['torch']}" in lines and f"  onnxruntime: {info['onnxruntime']}" in lines
+    assert {line.split(":")[0].strip() for line in lines[1:]} >= {"gpu", "driver", "cuda", "tensorrt_rtx"}
 
 
 def test_cli(tiny_bundle: ModelBundle, one_thread: None, tmp_path: Path) -> None:
