@@ -168,7 +168,9 @@ def run_bench(config: BenchConfig, progress: Progress | None = None) -> list[Ben
     gpu = device.type == "cuda"
     warmup = 3 if config.warmup is None else config.warmup
     iterations = (20 if gpu else 5) if config.iterations is None else config.iterations
-    batch_sizes = config.batch_sizes or ((1, 8, 32) if gpu else (1, 4))
+    # Smallest first, each once: torch-compiled pads a batch smaller than one it compiled, so a
+    # larger size timed first would have the smaller one timed at the larger's cost.
+    batch_sizes = tuple(sorted(set(config.batch_sizes or ((1, 8, 32) if gpu else (1, 4)))))
     if min(batch_sizes) < 1 or iterations < 1 or warmup < 0:
         raise ValueError("batch sizes and iterations must be at least 1, warm-up at least 0")
     bundle = resolve_bundle(config.model, None, None)
