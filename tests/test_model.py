@@ -195,6 +195,7 @@ def test_bundle_round_trip_and_bad_manifests(parity_dir: Path, tmp_path: Path) -
         ({**data, "settings": {"image_size": 100}}, "multiple of 8"),
         ({**data, "settings": {"image_size": 10**9}}, "from 8 to 2048, got 1000000000"),
         ({**data, "settings": {"image_size": "big"}}, "multiple of 8 from 8 to 2048, got 'big'"),
+        ({**data, "settings": {"threshold": "high"}}, "setting threshold: expected float, got 'high'"),
         ({**data, "mapper": "gone.pth"}, "gone.pth, which is not in the bundle"),
         ({"format": "other"}, "format is 'other'"),
     ]:

@@ -17,14 +17,14 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from types import UnionType
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from gms_deploy.config_types import check_types
 from gms_deploy.metrics import dice
 from gms_deploy.model.gms import SCALE_FACTOR, GMSModel, check_image_size
 from gms_deploy.model.mapper import HEADS, LatentMapper, MapperConfig, load_mapper
@@ -103,29 +103,11 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training option(s): {', '.join(unknown)}")
         cleaned = {k: tuple(v) if isinstance(v, list) else v for k, v in changes.items() if v is not None}
-        hints = get_type_hints(type(self))
-        for name, value in cleaned.items():
-            if not _conforms(value, hints[name]):
-                raise ValueError(f"training option {name}: expected {_type_name(hints[name])}, got {value!r}")
+        check_types(type(self), cleaned, "training option")
         return replace(self, **cleaned)
 
     def to_file(self, path: Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=1) + "\n")
-
-
-def _conforms(value: Any, hint: Any) -> bool:
-    """Whether a JSON or CLI value fits a config field's annotation (an int where a float goes)."""
-    if get_origin(hint) is tuple:
-        return isinstance(value, tuple) and all(_conforms(v, get_args(hint)[0]) for v in value)
-    if get_origin(hint) is UnionType:
-        return any(_conforms(value, option) for option in get_args(hint))
-    if isinstance(value, bool):
-        return hint is bool
-    return isinstance(value, (int, float) if hint is float else hint)
-
-
-def _type_name(hint: Any) -> str:
-    return getattr(hint, "__name__", str(hint)) if get_origin(hint) is None else str(hint)
 
 
 @dataclass
