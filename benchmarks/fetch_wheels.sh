@@ -16,12 +16,7 @@ PIP_PLATFORM=(--only-binary=:all: --python-version 3.12 --implementation cp
     --platform manylinux_2_35_x86_64 --platform manylinux_2_34_x86_64 --platform manylinux_2_31_x86_64
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
     --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
-# What the GPU image (PyTorch 2.11, onnx, onnxruntime, opencv, typer, matplotlib, ...) does not have,
-# by the call that first needs it.
-FIRST=(diffusers pydicom pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle)
-SECOND=(nvidia-modelopt pydantic pydantic-core annotated-types typing-inspection omegaconf
-    onnx-graphsurgeon polygraphy onnxslim lief tensorrt-rtx-cu13-bindings)
-version() { .venv/bin/python -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$1"; }
+. benchmarks/carried.sh
 download() {
     local folder=$1 name
     shift
@@ -34,10 +29,9 @@ bytes() { du -cb "$@" | tail -n 1 | cut -f 1; }
 rm -rf .whl && mkdir -p .whl/1 .whl/2 .whl/libs
 download .whl/1 "${FIRST[@]}"
 download .whl/2 "${SECOND[@]}"
-# The tensorrt_rtx package itself is published as a source archive: built here (pure Python).
-python3 -m pip wheel -q --no-deps -w .whl/2 "tensorrt-rtx-cu13==$(version tensorrt-rtx-cu13)"
+python3 -m pip wheel -q --no-deps -w .whl/2 "$SOURCE_ONLY==$(version "$SOURCE_ONLY")"
 
-download .whl/libs tensorrt-rtx-cu13-libs
+download .whl/libs "$LIBS"
 unzip -q .whl/libs/tensorrt_rtx_cu13_libs-*.whl -d .whl/libs/unpacked
 tar -C .whl/libs/unpacked -cf - . | xz -9 -T0 > .whl/libs/trt-libs.tar.xz
 
