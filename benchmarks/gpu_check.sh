@@ -4,7 +4,7 @@
 #
 #   bash benchmarks/gpu_check.sh first    # carry .whl/1: install, GPU tests, bench eager and compiled
 #   bash benchmarks/gpu_check.sh second   # carry .whl/2, while the machine is warm: TensorRT for RTX
-#                                         # on this GPU (tests, and a build of the demo model)
+#                                         # on this GPU (a build of the demo model, then, if it builds, tests)
 #   bash benchmarks/gpu_check.sh engines  # only where `second` says TensorRT builds here: the
 #                                         # full-size engines against eager FP32
 #
@@ -122,15 +122,16 @@ second() {
     step install 60 install_wheels .whl/2/*.whl || return 1
     environment tensorrt-rtx-cu13-bindings tensorrt-rtx-cu13-libs nvidia-modelopt polygraphy \
         | tee -a "$OUT/environment.txt"
-    step tests-trt 120 bash -o pipefail -c "$PY -m pytest -m gpu -v -rs -p no:cacheprovider \
-        tests/test_engines.py | tee '$OUT/tests-trt.log'"
     # Building for the GPU present: TensorRT for RTX lists no Hopper target, so on an H100 or H200
-    # this is the finding, in one line. The demo model says it in seconds.
+    # this is the finding, in one line. The demo model says it in seconds, so it comes first: where
+    # nothing builds, the engine tests would only say it again, and the call may be near its end.
     if ! step probe 60 "$PY" -m gms_deploy export --out "$WORK/probe" --precision fp16 --no-validate \
         --overwrite --engines; then
-        echo "TensorRT for RTX does not build for this GPU; no engine to benchmark"
+        echo "TensorRT for RTX does not build for this GPU; no engine to test or benchmark"
         return 1
     fi
+    step tests-trt 120 bash -o pipefail -c "$PY -m pytest -m gpu -v -rs -p no:cacheprovider \
+        tests/test_engines.py | tee '$OUT/tests-trt.log'"
     echo "TensorRT for RTX builds for this GPU: \`gpu_check.sh engines\` benches the full-size engines"
 }
 
