@@ -126,6 +126,24 @@ def test_symlink_loops_end(scans: Path) -> None:
     assert [str(s.rel) for s in sources] == EXPECTED
 
 
+def test_image_names_that_are_no_files_are_errors_other_odd_entries_stay_quiet(scans: Path) -> None:
+    """A broken link, a FIFO (reading it would block the run) and a device under image names."""
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("POSIX FIFOs")
+    os.symlink(scans / "gone.png", scans / "broken.png")
+    os.mkfifo(scans / "pipe.dcm")
+    os.symlink(os.devnull, scans / "null.jpg")
+    os.symlink(scans / "gone", scans / "broken-no-suffix")
+    os.mkfifo(scans / "pipe")
+    sources, errors = discover([scans])
+    assert [str(s.rel) for s in sources] == EXPECTED
+    assert sorted(str(e) for e in errors) == [
+        f"{scans / 'broken.png'}: a broken link",
+        f"{scans / 'null.jpg'}: not a regular file or folder",
+        f"{scans / 'pipe.dcm'}: not a regular file or folder",
+    ]
+
+
 _DISCOVER = """
 import json, sys
 from pathlib import Path

@@ -122,17 +122,21 @@ def _walk(folder: Path, errors: list[InputError]) -> list[tuple[Path, Path]]:
 
 
 def _wanted(path: Path, errors: list[InputError]) -> bool:
-    """An image or DICOM file to take; one that cannot be looked at is an error, not silence."""
+    """An image or DICOM file to take. One named as such that cannot be read is an error, not silence.
+
+    A broken link, a FIFO or a device under an image's name would otherwise vanish from the run (or,
+    read, block it); of unnamed files only those with the DICOM preamble are wanted, so the rest of
+    a folder's odd entries stay quiet.
+    """
     if path.name.startswith(".") or path.name.upper() == "DICOMDIR":
         return False
-    suffix = path.suffix.lower()
+    named = path.suffix.lower() in IMAGE_SUFFIXES or path.suffix.lower() in DICOM_SUFFIXES
     try:
-        if not stat.S_ISREG(path.stat().st_mode):
-            return False
-        return suffix in IMAGE_SUFFIXES or suffix in DICOM_SUFFIXES or has_dicom_preamble(path)
-    except FileNotFoundError:  # a broken link, or a file deleted while the folder is walked
-        return False
+        kind = _kind(path)
+        if kind == "file":
+            return named or has_dicom_preamble(path)
     except OSError as exc:
-        if suffix in IMAGE_SUFFIXES or suffix in DICOM_SUFFIXES:
-            errors.append(InputError(path, f"cannot read: {exc.strerror or describe(exc)}"))
-        return False
+        kind = f"cannot read: {exc.strerror or describe(exc)}"
+    if named:
+        errors.append(InputError(path, kind))
+    return False
