@@ -120,6 +120,16 @@ class _Ledger:
             )
         )
 
+    def flush(self) -> None:
+        """Rewrite results.csv. Where that fails (a full disk), it is one failure and the run goes on."""
+        try:
+            self.table.flush()
+        except OSError as err:
+            message = f"{shown(self.table.path)}: cannot write: {err.strerror or one_line(err)}"
+            if message not in self.report.failures:
+                log.error("%s", message)
+                self.report.failures.append(message)
+
     def finish(self, item: _Item, result: Segmentation, share: float) -> None:
         """One frame's outputs on disk, then its row."""
         begin = time.perf_counter()
@@ -166,10 +176,16 @@ def run_inference(
         raise ValueError(f"{shown(options.out_dir)}: cannot be the output folder: {one_line(err)}") from None
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{options.out_dir}: exists and is not a folder")
+    table = ResultsTable(out_dir / RESULTS)
+    try:  # before any frame is read: a folder that cannot be written fails the run at once, in one line
+        table.flush()
+    except OSError as err:
+        reason = err.strerror or one_line(err)
+        raise ValueError(f"{shown(options.out_dir)}: cannot be the output folder: {reason}") from None
     segmenter = segmenter or segmenter_for(runner)
     threshold = runner.settings.threshold if options.threshold is None else options.threshold
     report = InferReport()
-    ledger = _Ledger(report, ResultsTable(out_dir / RESULTS))
+    ledger = _Ledger(report, table)
     sources, errors = discover(inputs)
     sources = [s for s in sources if not s.path.resolve().is_relative_to(out_dir)]
     # Frames held ahead of the network: about two batches, however many files are read at once.
@@ -198,7 +214,7 @@ def run_inference(
                         progress(report.files, len(sources))
             _run_batch(batch, segmenter, threshold, options.save_prob, ledger, writer)
     finally:  # Ctrl-C included: the rows of every finished output reach results.csv
-        ledger.table.flush()
+        ledger.flush()
     return report
 
 
@@ -266,7 +282,7 @@ def _run_batch(
     share = (time.perf_counter() - start) / len(items)
     for item, result in zip(items, results, strict=True):
         writer.submit(partial(ledger.finish, item, result, share))
-    writer.submit(ledger.table.flush)
+    writer.submit(ledger.flush)
 
 
 def _write(item: _Item, result: Segmentation) -> tuple[int, float | None]:

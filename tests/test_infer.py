@@ -257,6 +257,45 @@ def test_cli_exit_codes_and_messages(tree: Path, tiny_bundle: ModelBundle, tmp_p
     assert code == 2 and "cannot be the output folder" in output
 
 
+def test_an_unusable_output_folder_fails_at_once_in_one_line(
+    tree: Path, tiny_bundle: ModelBundle, tmp_path: Path
+) -> None:
+    """Below a file; a folder, or bytes that are no text, where results.csv goes: before any frame."""
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "o1" / "results.csv").mkdir(parents=True)
+    (tmp_path / "o2").mkdir()
+    (tmp_path / "o2" / "results.csv").write_bytes(b"\xff\xfe\x00 not text")
+    cases = {
+        tmp_path / "a_file" / "out": "out: cannot be the output folder: Not a directory",
+        tmp_path / "o1": "results.csv: exists but is not a results table (Is a directory)",
+        tmp_path / "o2": "results.csv: exists but is not a results table (not a UTF-8 CSV table)",
+    }
+    for out, expected in cases.items():
+        code, output = _invoke("infer", tree, "--out", out, "--model", tiny_bundle.vae.parent)
+        errors = [line for line in output.splitlines() if line.startswith("error:")]
+        assert code == 2 and len(errors) == 1 and expected in errors[0], output
+    assert not list(tmp_path.rglob("*_mask.png"))
+    assert (tmp_path / "o2" / "results.csv").read_bytes() == b"\xff\xfe\x00 not text"
+
+
+def test_results_csv_that_cannot_be_written_mid_run_is_one_failure(
+    tree: Path, tiny_bundle: ModelBundle, tmp_path: Path
+) -> None:
+    """Its place taken by a folder once the run is going: the masks are still written, the run fails."""
+    out = tmp_path / "out"
+
+    def block_the_table(done: int, total: int) -> None:
+        if done == 1:
+            (out / "results.csv").unlink()
+            (out / "results.csv").mkdir()
+
+    report = run_inference([tree / "patient1"], TorchRunner(tiny_bundle), InferOptions(out), block_the_table)
+    assert report.frames == 32
+    [failure] = report.failures
+    assert failure == f"{out / 'results.csv'}: cannot write: Is a directory"
+    assert len(list(out.rglob("*_mask.png"))) == 32 and not list(out.rglob(".*.part"))
+
+
 def test_cli_as_a_subprocess(tiny_bundle: ModelBundle, tmp_path: Path) -> None:
     image = tmp_path / "img.tif"
     Image.fromarray(np.full((20, 30), 60000, dtype=np.uint16)).save(image)

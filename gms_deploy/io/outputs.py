@@ -20,7 +20,7 @@ from PIL import Image
 
 from gms_deploy.io.dicom import DICOM_SUFFIXES
 from gms_deploy.io.images import IMAGE_SUFFIXES, as_rgb
-from gms_deploy.messages import shown
+from gms_deploy.messages import one_line, shown
 
 FORMAT_SUFFIXES = IMAGE_SUFFIXES | DICOM_SUFFIXES
 
@@ -145,18 +145,23 @@ class ResultsTable:
         write_atomic(self.path, lambda f: f.write(data))
 
     def _load(self) -> None:
-        with self.path.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            if reader.fieldnames is None:
-                return
-            if not {"source", "frame"} <= set(reader.fieldnames):
-                raise ValueError(
-                    f"{self.path}: exists but is not a results table (columns {reader.fieldnames}); "
-                    "move it away or write to another folder"
-                )
-            for record in reader:
-                cells = {field: record.get(field) or "" for field in FIELDS}
-                self._rows[(cells["source"], cells["frame"])] = cells
+        """The earlier run's rows; anything else under this name is refused, never overwritten."""
+        refuse = f"{shown(self.path)}: exists but is not a results table ({{}}); "
+        refuse += "move it away or write to another folder"
+        try:
+            with self.path.open(newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                if reader.fieldnames is None:
+                    return
+                if not {"source", "frame"} <= set(reader.fieldnames):
+                    raise ValueError(refuse.format(f"columns {reader.fieldnames}"))
+                for record in reader:
+                    cells = {field: record.get(field) or "" for field in FIELDS}
+                    self._rows[(cells["source"], cells["frame"])] = cells
+        except OSError as err:
+            raise ValueError(refuse.format(err.strerror or one_line(err))) from None
+        except (UnicodeDecodeError, csv.Error):
+            raise ValueError(refuse.format("not a UTF-8 CSV table")) from None
 
 
 def _cell(value: float | None, spec: str) -> str:
