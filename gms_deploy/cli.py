@@ -13,6 +13,7 @@ from tqdm import tqdm
 from gms_deploy.backends import BACKENDS, BackendError, open_auto, open_runner, resolve_bundle
 from gms_deploy.bundle import ModelBundle
 from gms_deploy.infer import READERS, InferOptions, Roi, run_inference
+from gms_deploy.messages import os_reason, shown
 from gms_deploy.model.checkpoints import CheckpointError
 
 app = typer.Typer(
@@ -70,6 +71,34 @@ def _setup(
 def _fail(message: str) -> typer.Exit:
     typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
     return typer.Exit(2)
+
+
+def _cannot_write(path: Path, err: OSError) -> typer.Exit:
+    """``out/x: cannot be written (out: a file, not a folder)``, the path once where the error names it.
+
+    An OSError with no errno is one of this package's own messages, shown as it is.
+    """
+    if not err.strerror:
+        return _fail(str(err))
+    if isinstance(err, FileExistsError) and err.filename and not Path(err.filename).is_dir():
+        why = f"{shown(err.filename)}: a file, not a folder"
+    else:
+        why = os_reason(err)
+    if err.filename is not None and Path(err.filename) == path:
+        return _fail(f"{shown(path)}: cannot be written: {err.strerror or why}")
+    return _fail(f"{shown(path)}: cannot be written ({why})")
+
+
+def _writable_file(path: Path | None) -> None:
+    """Make ``path``'s folder before the long work whose result goes there, so a bad path costs nothing."""
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _cannot_write(path, err) from None
+    if path.is_dir():
+        raise _fail(f"{shown(path)}: is a folder; name a file")
 
 
 @app.command()
@@ -141,8 +170,10 @@ def bundle(
         made = ModelBundle(vae, mapper, name=name).with_settings(image_size=image_size, threshold=threshold)
         made.build()
         saved = made.save(out)
-    except (CheckpointError, ValueError, FileExistsError) as err:
+    except (CheckpointError, ValueError) as err:
         raise _fail(str(err)) from None
+    except OSError as err:
+        raise _cannot_write(out, err) from None
     typer.echo(f"bundle written: {saved.vae.parent}", err=True)
 
 
@@ -185,6 +216,8 @@ def export(
         raise _fail(str(err)) from None
     except (BackendError, CheckpointError, ExportError, ValueError) as err:
         raise _fail(str(err)) from None
+    except OSError as err:
+        raise _cannot_write(out, err) from None
     if result.validation is not None:
         typer.echo(result.validation.table(), err=True)
     timings = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in result.seconds.items())
@@ -279,8 +312,10 @@ def train(
             else TrainConfig().with_overrides(**overrides)
         )
         result = train_mapper(settings, data, out, vae, resume=resume)
-    except (BackendError, CheckpointError, SplitError, ValueError, OSError) as err:
+    except (BackendError, CheckpointError, SplitError, ValueError) as err:
         raise _fail(str(err)) from None
+    except OSError as err:
+        raise _fail(os_reason(err)) from None
     typer.echo(
         f"best validation Dice {result.best_dice:.4f} at epoch {result.best_epoch}: {result.best_path}",
         err=True,
@@ -306,11 +341,12 @@ def evaluate(
     from gms_deploy.evaluate import summarise, write_scores
     from gms_deploy.train.data import SplitError, read_split
 
+    target = out or data / "scores.csv"
+    _writable_file(target)
     try:
         runner = open_runner(backend, model, vae, mapper, device)
         names = read_split(split).test if split else None
         scores = score(data, runner, names, threshold)
-        target = out or data / "scores.csv"
         write_scores(target, scores)
     except (BackendError, CheckpointError, SplitError, OSError, ValueError) as err:
         raise _fail(str(err)) from None
@@ -362,6 +398,8 @@ def bench(
     from gms_deploy.bench_report import format_table, plot, write_json
     from gms_deploy.versions import environment
 
+    _writable_file(json_out)
+    _writable_file(plot_out)
     config = BenchConfig(
         model=model,
         export=export,
@@ -391,8 +429,10 @@ def bench(
             write_json(json_out, records, environment())
         if plot_out is not None:
             plot(plot_out, records)
-    except (ModuleNotFoundError, OSError) as err:
+    except ModuleNotFoundError as err:
         raise _fail(str(err)) from None
+    except OSError as err:
+        raise _fail(os_reason(err)) from None
 
 
 def main() -> None:

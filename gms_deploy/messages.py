@@ -23,3 +23,10 @@ def shown(path: object) -> str:
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def os_reason(err: OSError) -> str:
+    """``path: what the system said`` (``afile: Not a directory``), not ``[Errno 20] ...: 'afile'``."""
+    if not err.strerror:
+        return one_line(err)
+    return f"{shown(err.filename)}: {err.strerror}" if err.filename is not None else err.strerror
