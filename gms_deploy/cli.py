@@ -346,14 +346,21 @@ def evaluate(
     try:
         runner = open_runner(backend, model, vae, mapper, device)
         names = read_split(split).test if split else None
-        scores = score(data, runner, names, threshold)
-        write_scores(target, scores)
-    except (BackendError, CheckpointError, SplitError, OSError, ValueError) as err:
+        result = score(data, runner, names, threshold)
+        write_scores(target, result.scores)
+    except (BackendError, CheckpointError, SplitError, ValueError) as err:
         raise _fail(str(err)) from None
-    typer.echo(f"{len(scores)} image(s), {runner.description}", err=True)
-    for metric, (mean, std) in summarise(scores).items():
+    except OSError as err:
+        raise _fail(os_reason(err)) from None
+    for failure in result.failures:
+        typer.secho(f"ERROR: {failure}", err=True, fg=typer.colors.RED)
+    typer.echo(f"{len(result.scores)} image(s), {runner.description}", err=True)
+    for metric, (mean, std) in summarise(result.scores).items():
         typer.echo(f"{metric:>9}  {mean:.4f} +- {std:.4f}")
     typer.echo(f"per-image scores: {target}", err=True)
+    if result.failures:
+        typer.echo(f"{len(result.failures)} FAILED", err=True)
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 from collections.abc import Sequence
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
@@ -18,12 +19,15 @@ import numpy as np
 from PIL import Image
 
 from gms_deploy.backends.base import Runner
-from gms_deploy.io.images import read_image
+from gms_deploy.io.frames import InputError
+from gms_deploy.io.images import describe, read_image
 from gms_deploy.io.outputs import write_atomic
 from gms_deploy.metrics import dice, hd95, iou
 from gms_deploy.postprocess import to_mask, upsample
 from gms_deploy.preprocess import preprocess
 from gms_deploy.train.data import find_image, list_names
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -37,13 +41,43 @@ class ImageScores:
     hd95: float
 
 
-def _ground_truth(path: Path, size: int | None) -> np.ndarray:
-    """The official reading: grey, NEAREST to the network size when asked, then >= 0.5."""
+@dataclass(frozen=True)
+class Evaluation:
+    """The scores of every pair that could be scored, and one line for each that could not."""
+
+    scores: list[ImageScores]
+    failures: list[str]
+
+
+def _ground_truth(path: Path, size: tuple[int, int]) -> np.ndarray:
+    """The official reading: grey, NEAREST to ``size`` (width, height), then >= 0.5."""
     with Image.open(path) as mask:
         grey = mask.convert("L")
-        if size is not None:
-            grey = grey.resize((size, size), resample=Image.NEAREST)
+        if grey.size != size:
+            grey = grey.resize(size, resample=Image.NEAREST)
         return np.asarray(grey) >= 128
+
+
+def _read_pair(data_dir: Path, name: str) -> tuple[np.ndarray, Path]:
+    """The image, and its mask file once it is known to open."""
+    image = read_image(find_image(data_dir / "images", name))
+    mask_file = find_image(data_dir / "masks", name)
+    try:
+        with Image.open(mask_file) as mask:
+            mask.load()
+            width, height = mask.size
+    except Exception as err:  # PIL raises many types for a broken file; it is this pair's failure
+        raise InputError(mask_file, f"cannot read the mask: {describe(err)}") from None
+    if (height, width) != image.shape[:2]:  # the official code resizes both to 224 apart: it scores too
+        log.warning(
+            "%s: mask is %d x %d, its image %d x %d: resized to the image (NEAREST) for the own-size scores",
+            mask_file,
+            width,
+            height,
+            image.shape[1],
+            image.shape[0],
+        )
+    return image, mask_file
 
 
 def evaluate(
@@ -52,23 +86,33 @@ def evaluate(
     names: Sequence[str] | None = None,
     threshold: float | None = None,
     batch_size: int = 4,
-) -> list[ImageScores]:
-    """Score every ``images/NAME`` against ``masks/NAME`` (all pairs when ``names`` is None)."""
+) -> Evaluation:
+    """Score every ``images/NAME`` against ``masks/NAME`` (all pairs when ``names`` is None).
+
+    A pair that cannot be read fails alone, in one line; the rest is scored.
+    """
     data_dir = Path(data_dir)
     names = list_names(data_dir) if names is None else list(names)
+    if not names:
+        raise ValueError(f"{data_dir}: no image with a mask of the same name (images/NAME.*, masks/NAME.*)")
     threshold = runner.settings.threshold if threshold is None else threshold
     size = runner.settings.image_size
-    scores = []
-    for start in range(0, len(names), batch_size):
-        chunk = names[start : start + batch_size]
-        images = [read_image(find_image(data_dir / "images", name)) for name in chunk]
-        probs = runner(np.stack([preprocess(image, size) for image in images]))
-        for name, image, prob in zip(chunk, images, probs, strict=True):
-            mask_file = find_image(data_dir / "masks", name)
-            small, native = _ground_truth(mask_file, size), _ground_truth(mask_file, None)
+    result = Evaluation([], [])
+    pairs: list[tuple[str, np.ndarray, Path]] = []
+    for index, name in enumerate(names):
+        try:
+            pairs.append((name, *_read_pair(data_dir, name)))
+        except (InputError, FileNotFoundError) as err:
+            result.failures.append(str(err))
+        if len(pairs) < batch_size and index < len(names) - 1:
+            continue
+        probs = runner(np.stack([preprocess(image, size) for _, image, _ in pairs])) if pairs else []
+        for (name, image, mask_file), prob in zip(pairs, probs, strict=True):
+            height, width = image.shape[:2]
+            small, native = _ground_truth(mask_file, (size, size)), _ground_truth(mask_file, (width, height))
             pred_small = to_mask(prob, threshold)
-            pred = to_mask(upsample(prob, *image.shape[:2]), threshold)
-            scores.append(
+            pred = to_mask(upsample(prob, height, width), threshold)
+            result.scores.append(
                 ImageScores(
                     name,
                     dice(pred_small, small),
@@ -79,7 +123,8 @@ def evaluate(
                     hd95(pred, native),
                 )
             )
-    return scores
+        pairs.clear()
+    return result
 
 
 def summarise(scores: Sequence[ImageScores]) -> dict[str, tuple[float, float]]:

@@ -27,6 +27,7 @@ def shown(path: object) -> str:
 
 def os_reason(err: OSError) -> str:
     """``path: what the system said`` (``afile: Not a directory``), not ``[Errno 20] ...: 'afile'``."""
-    if not err.strerror:
-        return one_line(err)
+    if not err.strerror:  # no errno: a message of its own, such as one of this package's
+        lines = str(err).strip().splitlines()
+        return lines[0] if lines else type(err).__name__
     return f"{shown(err.filename)}: {err.strerror}" if err.filename is not None else err.strerror

@@ -21,7 +21,9 @@ SAMPLES = Path(__file__).resolve().parents[1] / "gms_deploy" / "data" / "samples
 
 @pytest.fixture(scope="module")
 def scores() -> list[ImageScores]:
-    return evaluate(SAMPLES, TorchRunner(demo_bundle()))
+    result = evaluate(SAMPLES, TorchRunner(demo_bundle()))
+    assert result.failures == []
+    return result.scores
 
 
 def test_demo_model_scores_well_on_the_shipped_phantoms(scores: list[ImageScores]) -> None:
@@ -50,7 +52,7 @@ def test_empty_ground_truth_follows_the_official_convention(tmp_path: Path) -> N
     shutil.copytree(SAMPLES, data)
     first = sorted((data / "masks").glob("*.png"))[0]
     Image.fromarray(np.zeros_like(np.asarray(Image.open(first)))).save(first)
-    (score,) = [s for s in evaluate(data, TorchRunner(demo_bundle())) if s.name == first.stem]
+    (score,) = [s for s in evaluate(data, TorchRunner(demo_bundle())).scores if s.name == first.stem]
     assert score.dsc == score.iou == 0.0 and score.hd95 == float("inf")
 
 
@@ -60,3 +62,37 @@ def test_cli_evaluate_prints_the_summary(tmp_path: Path) -> None:
     assert "dsc_224" in result.output and (tmp_path / "s.csv").is_file()
     missing = CliRunner().invoke(app, ["evaluate", "--data", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "nowhere" in missing.output
+
+
+def test_bad_pairs_fail_alone_and_the_rest_is_scored(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A mask that is no image, an image with no mask, a split name with no files; and a mask at
+    another size than its image, scored as the official code does (both resized to 224 apart)."""
+    data = tmp_path / "data"
+    shutil.copytree(SAMPLES, data)
+    masks = sorted((data / "masks").glob("*.png"))
+    masks[0].write_bytes(b"not an image")
+    masks[1].unlink()
+    with Image.open(masks[2]) as mask:
+        mask.resize((mask.width // 2, mask.height // 2), Image.NEAREST).save(masks[2])
+    with caplog.at_level("WARNING", logger="gms_deploy"):
+        result = evaluate(data, TorchRunner(demo_bundle()))
+    assert f"1 with no mask of the same name, left out: {masks[1].stem}" in caplog.text
+    assert f"{masks[2]}: mask is" in caplog.text and "resized to the image (NEAREST)" in caplog.text
+    assert [s.name for s in result.scores] == [m.stem for m in masks[2:]]
+    assert result.failures == [f"{masks[0]}: cannot read the mask: cannot identify image file '{masks[0]}'"]
+    assert result.scores[0].dsc_224 > 0.8 and result.scores[0].dsc > 0.8
+    named = evaluate(data, TorchRunner(demo_bundle()), ["nobody", masks[3].stem])
+    assert named.failures == [f"{data / 'images' / 'nobody'}.*: no such image"] and len(named.scores) == 1
+
+    cli = CliRunner().invoke(app, ["evaluate", "--data", str(data)])
+    assert cli.exit_code == 1 and "1 FAILED" in cli.output
+    assert (data / "scores.csv").is_file()
+
+
+def test_no_pairs_at_all_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    result = CliRunner().invoke(app, ["evaluate", "--data", str(tmp_path)])
+    assert result.exit_code == 2 and "no image with a mask of the same name" in result.output

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -74,10 +77,15 @@ def read_split(path: Path) -> Split:
 
 
 def list_names(data_dir: Path) -> list[str]:
-    """Stems that have both an image and a mask, sorted."""
+    """Stems that have both an image and a mask, sorted; the others are named in a warning."""
     data_dir = Path(data_dir)
     images = {p.stem for p in (data_dir / "images").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
     masks = {p.stem for p in (data_dir / "masks").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+    for alone, folder, other in ((images - masks, "images", "mask"), (masks - images, "masks", "image")):
+        if alone:
+            listed = ", ".join(sorted(alone)[:3]) + (", ..." if len(alone) > 3 else "")
+            message = "%s: %d with no %s of the same name, left out: %s"
+            log.warning(message, data_dir / folder, len(alone), other, listed)
     return sorted(images & masks)
 
 
@@ -110,16 +118,18 @@ def find_image(folder: Path, name: str) -> Path:
     for suffix in IMAGE_SUFFIXES:
         if (path := folder / f"{name}{suffix}").is_file():
             return path
-    raise FileNotFoundError(f"{folder}/{name}.*")
+    raise FileNotFoundError(f"{folder / name}.*: no such image")
 
 
 def load_pair(data_dir: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
     """RGB uint8 image (grey becomes three channels, as the official ``convert("RGB")``) and bool mask."""
     data_dir = Path(data_dir)
-    image = cv2.imread(str(find_image(data_dir / "images", name)), cv2.IMREAD_COLOR)
-    mask = cv2.imread(str(find_image(data_dir / "masks", name)), cv2.IMREAD_GRAYSCALE)
-    if image is None or mask is None:
-        raise OSError(f"cannot read the image or mask of {name!r} in {data_dir}")
+    image_file, mask_file = find_image(data_dir / "images", name), find_image(data_dir / "masks", name)
+    image = cv2.imread(str(image_file), cv2.IMREAD_COLOR)
+    mask = cv2.imread(str(mask_file), cv2.IMREAD_GRAYSCALE)
+    for path, pixels in ((image_file, image), (mask_file, mask)):
+        if pixels is None:
+            raise OSError(f"{path}: cannot be read as an image")
     return image[..., ::-1].copy(), mask > 127
 
 

@@ -29,7 +29,7 @@ import torch
 
 from gms_deploy.backends.torch_eager import TorchRunner
 from gms_deploy.bundle import ModelBundle, Settings
-from gms_deploy.evaluate import evaluate, summarise
+from gms_deploy.evaluate import ImageScores, evaluate, summarise
 from gms_deploy.train.data import load_pair
 from gms_deploy.train.phantom import SPLIT_FILE, make_phantom, write_dataset
 from gms_deploy.train.trainer import BEST, STATE, TrainConfig, train_mapper
@@ -176,12 +176,20 @@ def _build(recipe: DemoRecipe, out: Path, progress: bool) -> dict[str, object]:
     runner = TorchRunner(ModelBundle.load(bundle_dir))
     write_samples(out / "samples")
     report = {
-        "holdout": summarise(evaluate(holdout_dir, runner, holdout_names)),
-        "test_split": summarise(evaluate(data_dir, runner, split["test"]["name_list"])),
-        "sample_dice": {s.name: s.dsc for s in evaluate(out / "samples", runner)},
+        "holdout": summarise(_scored(holdout_dir, runner, holdout_names)),
+        "test_split": summarise(_scored(data_dir, runner, split["test"]["name_list"])),
+        "sample_dice": {s.name: s.dsc for s in _scored(out / "samples", runner)},
     }
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     return report
+
+
+def _scored(data_dir: Path, runner: TorchRunner, names: list[str] | None = None) -> list[ImageScores]:
+    """Scores of data this recipe wrote itself, where a pair that fails is a bug, not bad input."""
+    result = evaluate(data_dir, runner, names)
+    if result.failures:
+        raise RuntimeError(f"{data_dir}: {len(result.failures)} pair(s) failed: {result.failures[0]}")
+    return result.scores
 
 
 def main(argv: list[str] | None = None) -> None:
