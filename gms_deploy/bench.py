@@ -159,7 +159,7 @@ def run_bench(config: BenchConfig, progress: Progress | None = None) -> list[Ben
     """Run every variant over every image and batch size; skipped variants come back as records too.
 
     Raises ``BackendError`` before anything is timed where a backend the user asked for cannot run
-    here at all, and ``ValueError`` for unusable settings or frames.
+    here at all or ``--export`` is no export, and ``ValueError`` for unusable settings or frames.
     """
     unknown = sorted(set(config.backends) - set(BENCH_BACKENDS))
     if unknown:
@@ -174,6 +174,7 @@ def run_bench(config: BenchConfig, progress: Progress | None = None) -> list[Ben
     if min(batch_sizes) < 1 or iterations < 1 or warmup < 0:
         raise ValueError("batch sizes and iterations must be at least 1, warm-up at least 0")
     bundle = resolve_bundle(config.model, None, None)
+    _check_export(config.export)
     image_sizes = config.image_sizes or (bundle.settings.image_size,)
     frames = _load_frames(config.frames or SAMPLES, max(batch_sizes))
     peak_tflops = _fp16_peak_tflops(device) if gpu else None
@@ -233,6 +234,17 @@ def _resolve_device(device: str) -> torch.device:
         chosen = torch.device("cuda", torch.cuda.current_device() if chosen.index is None else chosen.index)
         torch.cuda.set_device(chosen)  # CUDA events record on the current device's stream
     return chosen
+
+
+def _check_export(export: Path | None) -> None:
+    """An export named with --export that is no export is an error, not a backend passed over."""
+    if export is None:
+        return
+    try:
+        from gms_deploy.backends.onnxruntime import read_manifest
+    except ImportError:  # the export extra is missing: its backends are listed as skipped, saying so
+        return
+    read_manifest(export)
 
 
 def _load_frames(folder: Path, count: int) -> list[np.ndarray]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Annotated, Any
@@ -90,15 +91,21 @@ def _cannot_write(path: Path, err: OSError) -> typer.Exit:
 
 
 def _writable_file(path: Path | None) -> None:
-    """Make ``path``'s folder before the long work whose result goes there, so a bad path costs nothing."""
+    """Refuse, before the long work whose result goes there, a path that cannot become a file.
+
+    Nothing is created: the nearest existing folder above it must be one, and writable.
+    """
     if path is None:
         return
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise _cannot_write(path, err) from None
     if path.is_dir():
         raise _fail(f"{shown(path)}: is a folder; name a file")
+    above = path.parent
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        raise _fail(f"{shown(path)}: cannot be written ({shown(above)}: a file, not a folder)")
+    if not os.access(above, os.W_OK):
+        raise _fail(f"{shown(path)}: cannot be written ({shown(above)}: not writable)")
 
 
 @app.command()

@@ -140,10 +140,15 @@ def test_cli(tiny_bundle: ModelBundle, one_thread: None, tmp_path: Path) -> None
         (["--backend", "onnxruntime"], "--backend onnxruntime cannot run here: needs --export DIR"),
         (["--backend", "tvm"], "unknown backend tvm"),
         (["--device", "cuda"], "PyTorch sees no CUDA GPU"),
+        (["--export", "{tmp}"], "manifest.json: missing; is {tmp} a gms-deploy export directory?"),
+        (["--frames", "{tmp}/gone"], "{tmp}/gone: no such file or folder"),
     ],
 )
-def test_cli_refuses_what_cannot_run(tiny_bundle: ModelBundle, flags: list[str], message: str) -> None:
-    done = cli.invoke(app, ["bench", "--model", str(tiny_bundle.vae.parent), *flags])
+def test_cli_refuses_what_cannot_run(
+    tiny_bundle: ModelBundle, flags: list[str], message: str, tmp_path: Path
+) -> None:
+    flags, message = [f.format(tmp=tmp_path) for f in flags], message.format(tmp=tmp_path)
+    done = cli.invoke(app, ["bench", "--model", str(tiny_bundle.vae.parent), "--device", "cpu", *flags])
     assert done.exit_code == 2 and message in done.output
     assert len(done.output.strip().splitlines()) == 1, done.output
 
