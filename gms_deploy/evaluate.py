@@ -108,6 +108,11 @@ def evaluate(
             continue
         probs = runner(np.stack([preprocess(image, size) for _, image, _ in pairs])) if pairs else []
         for (name, image, mask_file), prob in zip(pairs, probs, strict=True):
+            if not np.isfinite(prob).all():
+                result.failures.append(
+                    f"{data_dir / 'images' / name}: {runner.name} gave NaN or Inf probabilities"
+                )
+                continue
             height, width = image.shape[:2]
             small, native = _ground_truth(mask_file, (size, size)), _ground_truth(mask_file, (width, height))
             pred_small = to_mask(prob, threshold)

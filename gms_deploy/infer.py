@@ -271,17 +271,21 @@ def _run_batch(
     items = list(batch)
     batch.clear()
     start = time.perf_counter()
+    broken = f"{segmenter.runner.name} gave NaN or Inf probabilities; no mask"
     try:
-        results = segmenter([item.prepared for item in items], threshold, keep_prob)
+        results: list[Segmentation | None] = list(
+            segmenter([item.prepared for item in items], threshold, keep_prob)
+        )
     except Exception as err:  # a backend fault fails its batch, never the run
-        reason = f"{segmenter.runner.name} failed on this batch: {one_line(err)}"
-        for item in items:
-            message = f"{shown(item.frame.source)}: {reason}"
-            writer.submit(partial(ledger.fail, _Failed(item.frame.source, item.frame.index, message)))
-        return
+        broken = f"{segmenter.runner.name} failed on this batch: {one_line(err)}"
+        results = [None] * len(items)
     share = (time.perf_counter() - start) / len(items)
     for item, result in zip(items, results, strict=True):
-        writer.submit(partial(ledger.finish, item, result, share))
+        if result is not None and result.finite:
+            writer.submit(partial(ledger.finish, item, result, share))
+        else:
+            message = f"{shown(item.frame.source)}: {broken}"
+            writer.submit(partial(ledger.fail, _Failed(item.frame.source, item.frame.index, message)))
     writer.submit(ledger.flush)
 
 

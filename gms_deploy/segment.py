@@ -42,6 +42,8 @@ class Segmentation:
     """H x W bool at the frame's size."""
     prob: np.ndarray | None
     """S x S float32 at the network's size, where asked for."""
+    finite: bool = True
+    """False where the network gave NaN or Inf (an FP16 overflow, broken weights): the mask means nothing."""
 
 
 class Segmenter(ABC):
@@ -117,7 +119,11 @@ class HostSegmenter(Segmenter):
         keep_prob: bool,
     ) -> list[Segmentation]:
         return [
-            Segmentation(to_mask(upsample(prob, *shape), threshold), prob if keep_prob else None)
+            Segmentation(
+                to_mask(upsample(prob, *shape), threshold),
+                prob if keep_prob else None,
+                bool(np.isfinite(prob).all()),
+            )
             for prob, (_, shape) in zip(probs, batch, strict=True)
         ]
 
@@ -178,16 +184,17 @@ class FusedSegmenter(Segmenter):
             height, width = batch[indices[0]].shape[:2]
             for i, mask in zip(indices, self._masks(probs[indices], height, width, threshold), strict=True):
                 masks[i] = mask.reshape(-1)
-        flat = torch.cat(masks)
+        # One byte per frame rides with the masks: whether its probabilities were all finite.
+        flat = torch.cat([*masks, torch.isfinite(probs).flatten(1).all(1).to(torch.uint8)])
         staging = self._host_buffer("masks", flat.numel())
         staging.copy_(flat, non_blocking=True)
         kept = probs.cpu().numpy() if keep_prob else [None] * len(batch)  # synchronises, as does the next
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
-        pieces = staging.split([mask.numel() for mask in masks])
+        *pieces, finite = staging.split([mask.numel() for mask in masks] + [len(batch)])
         return [
-            Segmentation(piece.numpy().reshape(frame.shape[:2]).astype(bool), prob)
-            for piece, frame, prob in zip(pieces, batch, kept, strict=True)
+            Segmentation(piece.numpy().reshape(frame.shape[:2]).astype(bool), prob, bool(ok))
+            for piece, frame, prob, ok in zip(pieces, batch, kept, finite.tolist(), strict=True)
         ]
 
 

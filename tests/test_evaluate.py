@@ -8,11 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
 from gms_deploy.backends.torch_eager import TorchRunner
-from gms_deploy.bundle import demo_bundle
+from gms_deploy.bundle import ModelBundle, demo_bundle
 from gms_deploy.cli import app
 from gms_deploy.evaluate import ImageScores, evaluate, summarise, write_scores
 
@@ -96,3 +97,15 @@ def test_no_pairs_at_all_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "masks").mkdir()
     result = CliRunner().invoke(app, ["evaluate", "--data", str(tmp_path)])
     assert result.exit_code == 2 and "no image with a mask of the same name" in result.output
+
+
+def test_nan_probabilities_fail_their_image(tmp_path: Path) -> None:
+    demo = demo_bundle()
+    state = torch.load(demo.mapper, weights_only=True)
+    state["model"]["convds0.0.bias"] = torch.full_like(state["model"]["convds0.0.bias"], 1e38)
+    torch.save(state, tmp_path / "overflowing.pth")
+    runner = TorchRunner(ModelBundle(demo.vae, tmp_path / "overflowing.pth", demo.settings))
+    result = evaluate(SAMPLES, runner, ["phantom_900000"])
+    assert result.scores == []
+    image = SAMPLES / "images" / "phantom_900000"
+    assert result.failures == [f"{image}: torch gave NaN or Inf probabilities"]

@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 import pydicom
 import pytest
+import torch
 from PIL import Image
 from pydicom.data import get_testdata_file
 from typer.testing import CliRunner
@@ -22,6 +23,7 @@ from gms_deploy.backends.torch_eager import TorchRunner
 from gms_deploy.bundle import ModelBundle
 from gms_deploy.cli import app
 from gms_deploy.infer import InferOptions, run_inference
+from gms_deploy.segment import segmenter_for
 
 cli = CliRunner()
 
@@ -318,3 +320,22 @@ def test_cli_as_a_subprocess(tiny_bundle: ModelBundle, tmp_path: Path) -> None:
 def test_open_runner_rejects_unknown_backend() -> None:
     with pytest.raises(Exception, match="unknown backend 'nope'"):
         open_runner("nope")
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_model_that_overflows_fails_each_frame_and_writes_no_mask(
+    tree: Path, tiny_bundle: ModelBundle, tmp_path: Path, fused: bool
+) -> None:
+    """Finite weights whose mask latent overflows float32 once unscaled (/ 0.18215), as an FP16
+    engine overflows: NaN probabilities would threshold to empty masks that look like answers."""
+    state = torch.load(tiny_bundle.mapper, weights_only=True)
+    state["model"]["convds0.0.bias"] = torch.full_like(state["model"]["convds0.0.bias"], 1e38)
+    torch.save(state, tmp_path / "overflowing.pth")
+    runner = TorchRunner(ModelBundle(tiny_bundle.vae, tmp_path / "overflowing.pth", tiny_bundle.settings))
+    out = tmp_path / "out"
+    report = run_inference(
+        [tree / "patient1" / "a.png"], runner, InferOptions(out), segmenter=segmenter_for(runner, fused)
+    )
+    assert report.frames == 0
+    assert report.failures == [f"{tree / 'patient1' / 'a.png'}: torch gave NaN or Inf probabilities; no mask"]
+    assert not list(out.rglob("*.png")) and _rows(out)[0]["status"] == "failed"

@@ -160,6 +160,12 @@ def test_bad_checkpoints_name_the_file_and_problem(parity_dir: Path, tmp_path: P
         ),
         "pickled_code": (load_mapper, tmp_path / "lightning.pth", "Python objects besides tensors"),
         "no_config": (load_vae, tmp_path / "folder", "no config.json"),
+        "mapper_nan": (load_mapper, tmp_path / "nan.pth", "NaN or Inf in 1 tensor(s): convds0.0.bias"),
+        "vae_inf": (
+            load_vae,
+            tmp_path / "inf.safetensors",
+            "NaN or Inf in 1 tensor(s): encoder.conv_in.weight",
+        ),
     }
     (tmp_path / "empty.ckpt").touch()
     (tmp_path / "notes.pth").write_text("hello")
@@ -171,6 +177,14 @@ def test_bad_checkpoints_name_the_file_and_problem(parity_dir: Path, tmp_path: P
     torch.save({"model": mapper | {"conv1_0.attention.q.bias": torch.ones(3)}}, tmp_path / "shape.pth")
     torch.save({"model": mapper, "config": Path("x")}, tmp_path / "lightning.pth")
     (tmp_path / "folder").mkdir()
+    torch.save(
+        {"model": mapper | {"convds0.0.bias": torch.full_like(mapper["convds0.0.bias"], torch.nan)}},
+        tmp_path / "nan.pth",
+    )
+    diverged = dict(ldm)
+    diverged["encoder.conv_in.weight"] = diverged["encoder.conv_in.weight"].clone()
+    diverged["encoder.conv_in.weight"][0, 0, 0, 0] = torch.inf
+    save_file(diverged, tmp_path / "inf.safetensors")
     for name, (loader, path, expected) in cases.items():
         with pytest.raises(CheckpointError) as caught:
             loader(path)

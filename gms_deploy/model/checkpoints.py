@@ -82,7 +82,8 @@ def check_keys(
     found: Mapping[str, torch.Tensor],
     what: str,
 ) -> None:
-    """Fail with the first few missing, unexpected or misshapen keys, in the file's own names."""
+    """Fail with the first few missing, unexpected or misshapen keys, in the file's own names, or with
+    the tensors that hold NaN or Inf (a diverged training run): such a model would give no masks."""
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
     misshapen = [
@@ -97,6 +98,9 @@ def check_keys(
     ]
     if problems:
         raise CheckpointError(path, f"not a matching {what} checkpoint: " + "; ".join(problems))
+    broken = [k for k in expected if found[k].is_floating_point() and not torch.isfinite(found[k]).all()]
+    if broken:
+        raise CheckpointError(path, f"NaN or Inf in {len(broken)} tensor(s): {_preview(broken)}")
 
 
 def _preview(keys: Iterable[str], limit: int = 3) -> str:
