@@ -14,7 +14,8 @@ from tqdm import tqdm
 from gms_deploy.backends import BACKENDS, BackendError, open_auto, open_runner, resolve_bundle
 from gms_deploy.bundle import ModelBundle
 from gms_deploy.infer import READERS, InferOptions, Roi, run_inference
-from gms_deploy.messages import os_reason, shown
+from gms_deploy.io.frames import InputError
+from gms_deploy.messages import first_line, os_reason, shown
 from gms_deploy.model.checkpoints import CheckpointError
 
 app = typer.Typer(
@@ -80,14 +81,12 @@ def _cannot_write(path: Path, err: OSError) -> typer.Exit:
     An OSError with no errno is one of this package's own messages, shown as it is.
     """
     if not err.strerror:
-        return _fail(str(err))
-    if isinstance(err, FileExistsError) and err.filename and not Path(err.filename).is_dir():
-        why = f"{shown(err.filename)}: a file, not a folder"
-    else:
-        why = os_reason(err)
+        return _fail(first_line(err))
+    in_the_way = isinstance(err, FileExistsError) and err.filename and not Path(err.filename).is_dir()
+    why = "a file, not a folder" if in_the_way else err.strerror
     if err.filename is not None and Path(err.filename) == path:
-        return _fail(f"{shown(path)}: cannot be written: {err.strerror or why}")
-    return _fail(f"{shown(path)}: cannot be written ({why})")
+        return _fail(f"{shown(path)}: cannot be written: {why}")
+    return _fail(f"{shown(path)}: cannot be written ({shown(err.filename)}: {why})")
 
 
 def _writable_file(path: Path | None) -> None:
@@ -221,7 +220,7 @@ def export(
         if err.report is not None:
             typer.echo(err.report.table(), err=True)
         raise _fail(str(err)) from None
-    except (BackendError, CheckpointError, ExportError, ValueError) as err:
+    except (BackendError, CheckpointError, ExportError, InputError, ValueError) as err:
         raise _fail(str(err)) from None
     except OSError as err:
         raise _cannot_write(out, err) from None
@@ -354,7 +353,8 @@ def evaluate(
         runner = open_runner(backend, model, vae, mapper, device)
         names = read_split(split).test if split else None
         result = score(data, runner, names, threshold)
-        write_scores(target, result.scores)
+        if result.scores:  # a table of NaN averages would read as a result
+            write_scores(target, result.scores)
     except (BackendError, CheckpointError, SplitError, ValueError) as err:
         raise _fail(str(err)) from None
     except OSError as err:
@@ -362,9 +362,10 @@ def evaluate(
     for failure in result.failures:
         typer.secho(f"ERROR: {failure}", err=True, fg=typer.colors.RED)
     typer.echo(f"{len(result.scores)} image(s), {runner.description}", err=True)
-    for metric, (mean, std) in summarise(result.scores).items():
-        typer.echo(f"{metric:>9}  {mean:.4f} +- {std:.4f}")
-    typer.echo(f"per-image scores: {target}", err=True)
+    if result.scores:
+        for metric, (mean, std) in summarise(result.scores).items():
+            typer.echo(f"{metric:>9}  {mean:.4f} +- {std:.4f}")
+        typer.echo(f"per-image scores: {target}", err=True)
     if result.failures:
         typer.echo(f"{len(result.failures)} FAILED", err=True)
         raise typer.Exit(1)

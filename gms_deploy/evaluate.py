@@ -22,6 +22,7 @@ from gms_deploy.backends.base import Runner
 from gms_deploy.io.frames import InputError
 from gms_deploy.io.images import describe, read_image
 from gms_deploy.io.outputs import write_atomic
+from gms_deploy.messages import shown
 from gms_deploy.metrics import dice, hd95, iou
 from gms_deploy.postprocess import to_mask, upsample
 from gms_deploy.preprocess import preprocess
@@ -49,35 +50,41 @@ class Evaluation:
     failures: list[str]
 
 
-def _ground_truth(path: Path, size: tuple[int, int]) -> np.ndarray:
-    """The official reading: grey, NEAREST to ``size`` (width, height), then >= 0.5."""
-    with Image.open(path) as mask:
-        grey = mask.convert("L")
-        if grey.size != size:
-            grey = grey.resize(size, resample=Image.NEAREST)
-        return np.asarray(grey) >= 128
+@dataclass(frozen=True)
+class _Pair:
+    name: str
+    image_file: Path
+    image: np.ndarray
+    mask: Image.Image
+    """The ground truth as the official code reads it: grey ("L"), not yet resized."""
 
 
-def _read_pair(data_dir: Path, name: str) -> tuple[np.ndarray, Path]:
-    """The image, and its mask file once it is known to open."""
-    image = read_image(find_image(data_dir / "images", name))
+def _ground_truth(mask: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """The official reading: NEAREST to ``size`` (width, height), then >= 0.5."""
+    if mask.size != size:
+        mask = mask.resize(size, resample=Image.NEAREST)
+    return np.asarray(mask) >= 128
+
+
+def _read_pair(data_dir: Path, name: str) -> _Pair:
+    """The image and its grey mask, each decoded once."""
+    image_file = find_image(data_dir / "images", name)
+    image = read_image(image_file)
     mask_file = find_image(data_dir / "masks", name)
     try:
         with Image.open(mask_file) as mask:
-            mask.load()
-            width, height = mask.size
+            grey = mask.convert("L")
     except Exception as err:  # PIL raises many types for a broken file; it is this pair's failure
         raise InputError(mask_file, f"cannot read the mask: {describe(err)}") from None
-    if (height, width) != image.shape[:2]:  # the official code resizes both to 224 apart: it scores too
+    if grey.size != (image.shape[1], image.shape[0]):  # the official code resizes both to 224 apart
         log.warning(
             "%s: mask is %d x %d, its image %d x %d: resized to the image (NEAREST) for the own-size scores",
-            mask_file,
-            width,
-            height,
+            shown(mask_file),
+            *grey.size,
             image.shape[1],
             image.shape[0],
         )
-    return image, mask_file
+    return _Pair(name, image_file, image, grey)
 
 
 def evaluate(
@@ -94,32 +101,34 @@ def evaluate(
     data_dir = Path(data_dir)
     names = list_names(data_dir) if names is None else list(names)
     if not names:
-        raise ValueError(f"{data_dir}: no image with a mask of the same name (images/NAME.*, masks/NAME.*)")
+        raise ValueError(
+            f"{shown(data_dir)}: no image with a mask of the same name (images/NAME.*, masks/NAME.*)"
+        )
     threshold = runner.settings.threshold if threshold is None else threshold
     size = runner.settings.image_size
     result = Evaluation([], [])
-    pairs: list[tuple[str, np.ndarray, Path]] = []
+    pairs: list[_Pair] = []
     for index, name in enumerate(names):
         try:
-            pairs.append((name, *_read_pair(data_dir, name)))
+            pairs.append(_read_pair(data_dir, name))
         except (InputError, FileNotFoundError) as err:
             result.failures.append(str(err))
         if len(pairs) < batch_size and index < len(names) - 1:
             continue
-        probs = runner(np.stack([preprocess(image, size) for _, image, _ in pairs])) if pairs else []
-        for (name, image, mask_file), prob in zip(pairs, probs, strict=True):
+        probs = runner(np.stack([preprocess(pair.image, size) for pair in pairs])) if pairs else []
+        for pair, prob in zip(pairs, probs, strict=True):
             if not np.isfinite(prob).all():
                 result.failures.append(
-                    f"{data_dir / 'images' / name}: {runner.name} gave NaN or Inf probabilities"
+                    f"{shown(pair.image_file)}: {runner.name} gave NaN or Inf probabilities"
                 )
                 continue
-            height, width = image.shape[:2]
-            small, native = _ground_truth(mask_file, (size, size)), _ground_truth(mask_file, (width, height))
+            height, width = pair.image.shape[:2]
+            small, native = _ground_truth(pair.mask, (size, size)), _ground_truth(pair.mask, (width, height))
             pred_small = to_mask(prob, threshold)
             pred = to_mask(upsample(prob, height, width), threshold)
             result.scores.append(
                 ImageScores(
-                    name,
+                    pair.name,
                     dice(pred_small, small),
                     iou(pred_small, small),
                     hd95(pred_small, small),

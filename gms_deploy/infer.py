@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from gms_deploy.backends.base import Runner
 from gms_deploy.io.frames import Frame, InputError
 from gms_deploy.io.inputs import Source, discover, read_frames
 from gms_deploy.io.outputs import OutputPaths, ResultRow, ResultsTable, overlay, write_npy, write_png
-from gms_deploy.messages import one_line, shown
+from gms_deploy.messages import one_line, reason, shown
 from gms_deploy.postprocess import Box, area_mm2, paste, roi_box
 from gms_deploy.segment import Segmentation, Segmenter, segmenter_for
 from gms_deploy.stream import Prefetch, Writer
@@ -99,15 +100,27 @@ _Event = _Item | _Failed | _Skipped | _FileDone
 
 @dataclass
 class _Ledger:
-    """The run's report and results table, written only by the writer thread once the run starts."""
+    """The run's report and results table.
+
+    The writer thread records into it; the caller's thread flushes it at the end. Those overlap
+    when a second Ctrl-C cuts short the wait for the writer, hence the lock.
+    """
 
     report: InferReport
     table: ResultsTable
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def _record(self, row: ResultRow) -> None:
+        with self._lock:
+            if row.status == "ok":
+                self.report.frames += 1
+            else:
+                log.error("%s", row.message)
+                self.report.failures.append(row.message)
+            self.table.add(row)
 
     def fail(self, failed: _Failed) -> None:
-        log.error("%s", failed.message)
-        self.report.failures.append(failed.message)
-        self.table.add(
+        self._record(
             ResultRow(
                 source=str(failed.source),
                 frame=failed.index,
@@ -122,13 +135,14 @@ class _Ledger:
 
     def flush(self) -> None:
         """Rewrite results.csv. Where that fails (a full disk), it is one failure and the run goes on."""
-        try:
-            self.table.flush()
-        except OSError as err:
-            message = f"{shown(self.table.path)}: cannot write: {err.strerror or one_line(err)}"
-            if message not in self.report.failures:
-                log.error("%s", message)
-                self.report.failures.append(message)
+        with self._lock:
+            try:
+                self.table.flush()
+            except OSError as err:
+                message = f"{shown(self.table.path)}: cannot write: {reason(err)}"
+                if message not in self.report.failures:
+                    log.error("%s", message)
+                    self.report.failures.append(message)
 
     def finish(self, item: _Item, result: Segmentation, share: float) -> None:
         """One frame's outputs on disk, then its row."""
@@ -140,8 +154,7 @@ class _Ledger:
             message = f"{shown(frame.source)}: cannot write outputs: {one_line(err)}"
             self.fail(_Failed(frame.source, frame.index, message))
             return
-        self.report.frames += 1
-        self.table.add(
+        self._record(
             ResultRow(
                 source=str(frame.source),
                 frame=frame.index,
@@ -180,8 +193,7 @@ def run_inference(
     try:  # before any frame is read: a folder that cannot be written fails the run at once, in one line
         table.flush()
     except OSError as err:
-        reason = err.strerror or one_line(err)
-        raise ValueError(f"{shown(options.out_dir)}: cannot be the output folder: {reason}") from None
+        raise ValueError(f"{shown(options.out_dir)}: cannot be the output folder: {reason(err)}") from None
     segmenter = segmenter or segmenter_for(runner)
     threshold = runner.settings.threshold if options.threshold is None else options.threshold
     report = InferReport()

@@ -6,11 +6,47 @@ problem, and the exception's type says which layer raised it.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+
+def first_line(err: BaseException) -> str:
+    """The message's first line (the type's name where it is empty).
+
+    A DataLoader worker's error arrives as ``Caught OSError in DataLoader worker process 0.`` with
+    the worker's traceback below: its last line is the error itself, naming the file.
+    """
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    if lines[0].startswith("Caught ") and len(lines) > 1 and "Original Traceback" in lines[1]:
+        return lines[-1].strip()
+    return lines[0]
+
 
 def one_line(err: BaseException) -> str:
     """``Type: first line of the message`` (the type alone where the message is empty)."""
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+    return f"{type(err).__name__}: {first_line(err)}" if str(err).strip() else type(err).__name__
+
+
+def reason(err: BaseException) -> str:
+    """What went wrong, for a message that already names the file: the system's words where it gave some."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    return one_line(err)
+
+
+def os_reason(err: OSError) -> str:
+    """``path: what the system said`` (``afile: Not a directory``), not ``[Errno 20] ...: 'afile'``."""
+    if not err.strerror:  # no errno: a message of its own, such as one of this package's
+        return first_line(err)
+    return f"{shown(err.filename)}: {err.strerror}" if err.filename is not None else err.strerror
+
+
+def preview(items: Iterable[str], limit: int = 3) -> str:
+    """The first few of a list, with how many more: one line however long the list."""
+    items = list(items)
+    listed = ", ".join(items[:limit])
+    return listed + (f", ... (+{len(items) - limit})" if len(items) > limit else "")
 
 
 def shown(path: object) -> str:
@@ -23,11 +59,3 @@ def shown(path: object) -> str:
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
-
-
-def os_reason(err: OSError) -> str:
-    """``path: what the system said`` (``afile: Not a directory``), not ``[Errno 20] ...: 'afile'``."""
-    if not err.strerror:  # no errno: a message of its own, such as one of this package's
-        lines = str(err).strip().splitlines()
-        return lines[0] if lines else type(err).__name__
-    return f"{shown(err.filename)}: {err.strerror}" if err.filename is not None else err.strerror

@@ -107,5 +107,5 @@ def test_nan_probabilities_fail_their_image(tmp_path: Path) -> None:
     runner = TorchRunner(ModelBundle(demo.vae, tmp_path / "overflowing.pth", demo.settings))
     result = evaluate(SAMPLES, runner, ["phantom_900000"])
     assert result.scores == []
-    image = SAMPLES / "images" / "phantom_900000"
+    image = SAMPLES / "images" / "phantom_900000.png"
     assert result.failures == [f"{image}: torch gave NaN or Inf probabilities"]

@@ -262,22 +262,23 @@ def test_cli_exit_codes_and_messages(tree: Path, tiny_bundle: ModelBundle, tmp_p
 def test_an_unusable_output_folder_fails_at_once_in_one_line(
     tree: Path, tiny_bundle: ModelBundle, tmp_path: Path
 ) -> None:
-    """Below a file; a folder, or bytes that are no text, where results.csv goes: before any frame."""
+    """Below a file; a folder, or bytes that are no text, where results.csv goes (in a folder whose
+    name has braces, which a message template would take for its own): before any frame."""
     (tmp_path / "a_file").write_text("")
     (tmp_path / "o1" / "results.csv").mkdir(parents=True)
-    (tmp_path / "o2").mkdir()
-    (tmp_path / "o2" / "results.csv").write_bytes(b"\xff\xfe\x00 not text")
+    (tmp_path / "o{2}").mkdir()
+    (tmp_path / "o{2}" / "results.csv").write_bytes(b"\xff\xfe\x00 not text")
     cases = {
         tmp_path / "a_file" / "out": "out: cannot be the output folder: Not a directory",
-        tmp_path / "o1": "results.csv: exists but is not a results table (Is a directory)",
-        tmp_path / "o2": "results.csv: exists but is not a results table (not a UTF-8 CSV table)",
+        tmp_path / "o1": "results.csv: exists but is not a results table (a folder)",
+        tmp_path / "o{2}": "results.csv: exists but is not a results table (not a UTF-8 CSV table)",
     }
     for out, expected in cases.items():
         code, output = _invoke("infer", tree, "--out", out, "--model", tiny_bundle.vae.parent)
         errors = [line for line in output.splitlines() if line.startswith("error:")]
         assert code == 2 and len(errors) == 1 and expected in errors[0], output
     assert not list(tmp_path.rglob("*_mask.png"))
-    assert (tmp_path / "o2" / "results.csv").read_bytes() == b"\xff\xfe\x00 not text"
+    assert (tmp_path / "o{2}" / "results.csv").read_bytes() == b"\xff\xfe\x00 not text"
 
 
 def test_results_csv_that_cannot_be_written_mid_run_is_one_failure(

@@ -137,6 +137,7 @@ def _wanted(path: Path, errors: list[InputError]) -> bool:
             return named or has_dicom_preamble(path)
     except OSError as exc:
         kind = f"cannot read: {exc.strerror or describe(exc)}"
-    if named:
+    # Gone, or a folder now, since the folder was listed: another program's doing, not bad input.
+    if named and kind not in ("no such file or folder", "folder"):
         errors.append(InputError(path, kind))
     return False

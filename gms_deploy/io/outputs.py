@@ -20,7 +20,7 @@ from PIL import Image
 
 from gms_deploy.io.dicom import DICOM_SUFFIXES
 from gms_deploy.io.images import IMAGE_SUFFIXES, as_rgb
-from gms_deploy.messages import one_line, shown
+from gms_deploy.messages import reason, shown
 
 FORMAT_SUFFIXES = IMAGE_SUFFIXES | DICOM_SUFFIXES
 
@@ -146,22 +146,28 @@ class ResultsTable:
 
     def _load(self) -> None:
         """The earlier run's rows; anything else under this name is refused, never overwritten."""
-        refuse = f"{shown(self.path)}: exists but is not a results table ({{}}); "
-        refuse += "move it away or write to another folder"
         try:
             with self.path.open(newline="", encoding="utf-8") as f:
                 reader = csv.DictReader(f)
                 if reader.fieldnames is None:
                     return
                 if not {"source", "frame"} <= set(reader.fieldnames):
-                    raise ValueError(refuse.format(f"columns {reader.fieldnames}"))
+                    raise self._refused(f"columns {reader.fieldnames}")
                 for record in reader:
                     cells = {field: record.get(field) or "" for field in FIELDS}
                     self._rows[(cells["source"], cells["frame"])] = cells
-        except OSError as err:
-            raise ValueError(refuse.format(err.strerror or one_line(err))) from None
+        except IsADirectoryError:
+            raise self._refused("a folder") from None
         except (UnicodeDecodeError, csv.Error):
-            raise ValueError(refuse.format("not a UTF-8 CSV table")) from None
+            raise self._refused("not a UTF-8 CSV table") from None
+        except OSError as err:
+            raise ValueError(f"{shown(self.path)}: cannot be read: {reason(err)}") from None
+
+    def _refused(self, why: str) -> ValueError:
+        return ValueError(
+            f"{shown(self.path)}: exists but is not a results table ({why}); "
+            "move it away or write to another folder"
+        )
 
 
 def _cell(value: float | None, spec: str) -> str:

@@ -8,10 +8,12 @@ Users arrive with `.ckpt`/`.pt`/`.pth` pickles (LDM's ``{"state_dict": ...}``, G
 from __future__ import annotations
 
 import pickle
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+
+from gms_deploy.messages import first_line, preview
 
 WRAPPER_KEYS = ("state_dict", "model", "module")
 
@@ -46,7 +48,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(path, f"not a readable safetensors file ({_first_line(err)})") from None
+        raise CheckpointError(path, f"not a readable safetensors file ({first_line(err)})") from None
 
 
 def _read_pickle(path: Path) -> object:
@@ -56,10 +58,10 @@ def _read_pickle(path: Path) -> object:
         raise CheckpointError(
             path,
             "holds Python objects besides tensors, which would run code to load; "
-            f"re-save just the state dict ({_first_line(err)})",
+            f"re-save just the state dict ({first_line(err)})",
         ) from None
     except Exception as err:  # torch.load of a damaged file raises almost anything
-        raise CheckpointError(path, f"truncated or not a PyTorch checkpoint ({_first_line(err)})") from None
+        raise CheckpointError(path, f"truncated or not a PyTorch checkpoint ({first_line(err)})") from None
 
 
 def _unwrap(path: Path, loaded: object) -> dict[str, torch.Tensor]:
@@ -82,8 +84,7 @@ def check_keys(
     found: Mapping[str, torch.Tensor],
     what: str,
 ) -> None:
-    """Fail with the first few missing, unexpected or misshapen keys, in the file's own names, or with
-    the tensors that hold NaN or Inf (a diverged training run): such a model would give no masks."""
+    """Fail with the first few missing, unexpected or misshapen keys, in the file's own names."""
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
     misshapen = [
@@ -92,23 +93,19 @@ def check_keys(
         if k in found and found[k].shape != expected[k]
     ]
     problems = [
-        f"{label} {len(keys)} key(s): {_preview(keys)}"
+        f"{label} {len(keys)} key(s): {preview(keys)}"
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape for", misshapen))
         if keys
     ]
     if problems:
         raise CheckpointError(path, f"not a matching {what} checkpoint: " + "; ".join(problems))
-    broken = [k for k in expected if found[k].is_floating_point() and not torch.isfinite(found[k]).all()]
+
+
+def check_finite(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Refuse weights holding NaN or Inf (a diverged training run): such a model gives no masks.
+
+    ``tensors`` are the ones the model uses, under its own names (an LDM VAE's after renaming).
+    """
+    broken = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if broken:
-        raise CheckpointError(path, f"NaN or Inf in {len(broken)} tensor(s): {_preview(broken)}")
-
-
-def _preview(keys: Iterable[str], limit: int = 3) -> str:
-    keys = list(keys)
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... (+{len(keys) - limit})" if len(keys) > limit else "")
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
+        raise CheckpointError(path, f"NaN or Inf in {len(broken)} tensor(s): {preview(broken)}")

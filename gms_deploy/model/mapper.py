@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gms_deploy.model.checkpoints import CheckpointError, check_keys, read_state_dict
+from gms_deploy.model.checkpoints import CheckpointError, check_finite, check_keys, read_state_dict
 
 HEADS = ("level3", "level2", "level1", "out")
 
@@ -181,6 +181,7 @@ def load_mapper(path: Path) -> LatentMapper:
     except (ValueError, ZeroDivisionError) as err:
         raise CheckpointError(path, f"tensor shapes give no valid GMS mapper ({err})") from None
     check_keys(path, {k: v.shape for k, v in mapper.state_dict().items()}, state, "GMS mapper")
+    check_finite(path, state)
     mapper.load_state_dict(state, strict=True)
     return mapper.eval()
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL
 
-from gms_deploy.model.checkpoints import CheckpointError, check_keys, read_state_dict
+from gms_deploy.model.checkpoints import CheckpointError, check_finite, check_keys, read_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,7 @@ def vae_from_state_dict(
         raise CheckpointError(path, f"unusable VAE config ({err})") from None
     expected = {k: v.shape for k, v in vae.state_dict().items()}
     check_keys(path, expected, state, "SD-VAE")
+    check_finite(path, state)
     vae.load_state_dict(state, strict=True)
     return vae.eval().requires_grad_(False)
 

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from gms_deploy.messages import preview, shown
+
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -83,9 +85,10 @@ def list_names(data_dir: Path) -> list[str]:
     masks = {p.stem for p in (data_dir / "masks").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
     for alone, folder, other in ((images - masks, "images", "mask"), (masks - images, "masks", "image")):
         if alone:
-            listed = ", ".join(sorted(alone)[:3]) + (", ..." if len(alone) > 3 else "")
             message = "%s: %d with no %s of the same name, left out: %s"
-            log.warning(message, data_dir / folder, len(alone), other, listed)
+            log.warning(
+                message, shown(data_dir / folder), len(alone), other, preview(map(shown, sorted(alone)))
+            )
     return sorted(images & masks)
 
 
@@ -118,7 +121,7 @@ def find_image(folder: Path, name: str) -> Path:
     for suffix in IMAGE_SUFFIXES:
         if (path := folder / f"{name}{suffix}").is_file():
             return path
-    raise FileNotFoundError(f"{folder / name}.*: no such image")
+    raise FileNotFoundError(f"{shown(folder / name)}.*: no such image")
 
 
 def load_pair(data_dir: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -129,7 +132,7 @@ def load_pair(data_dir: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
     mask = cv2.imread(str(mask_file), cv2.IMREAD_GRAYSCALE)
     for path, pixels in ((image_file, image), (mask_file, mask)):
         if pixels is None:
-            raise OSError(f"{path}: cannot be read as an image")
+            raise OSError(f"{shown(path)}: cannot be read as an image")
     return image[..., ::-1].copy(), mask > 127
 
 
