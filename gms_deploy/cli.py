@@ -46,6 +46,16 @@ def _print_versions(wanted: bool) -> None:
     raise typer.Exit()
 
 
+class _StderrHandler(logging.Handler):
+    """One line per record on the stderr of the moment (a test runner swaps it per invocation)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            typer.echo(self.format(record), err=True)
+        except Exception:  # a closed or broken stderr must not fail the run that logs to it
+            self.handleError(record)
+
+
 @app.callback()
 def _setup(
     verbose: Annotated[
@@ -57,7 +67,7 @@ def _setup(
     ] = False,
 ) -> None:
     """One line per problem on stderr, as it happens; ``-v`` adds what was ignored or chosen."""
-    handler = logging.StreamHandler()
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     package = logging.getLogger("gms_deploy")
     package.handlers = [handler]
