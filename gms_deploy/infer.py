@@ -186,7 +186,7 @@ def run_inference(
     try:
         out_dir = options.out_dir.resolve()
     except (OSError, RuntimeError) as err:  # RuntimeError: a symlink loop
-        raise ValueError(f"{shown(options.out_dir)}: cannot be the output folder: {one_line(err)}") from None
+        raise ValueError(f"{shown(options.out_dir)}: cannot be the output folder: {reason(err)}") from None
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{options.out_dir}: exists and is not a folder")
     table = ResultsTable(out_dir / RESULTS)
