@@ -46,7 +46,7 @@ TORCH_BACKENDS = ("torch", "torch-compiled")
 BENCH_BACKENDS = (*TORCH_BACKENDS, "onnxruntime", "tensorrt")
 """What ``--backend`` takes here: every real backend (``auto`` picks one; a benchmark compares them)."""
 # Dense FP16 tensor-core peaks in TFLOP/s (datasheets), the most specific name first.
-FP16_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0}
+FP16_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200 NVL": 835.0, "H200": 989.0}
 
 FUSED = "fused"
 T = TypeVar("T")

@@ -26,6 +26,7 @@ from gms_deploy.messages import one_line
 log = logging.getLogger(__name__)
 
 _Key = tuple[Hashable, ...]
+Launch = Callable[[], None]
 _Entry = tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]  # graph, its input, its output
 
 
@@ -86,3 +87,40 @@ class Graphed:
         if len(self._graphs) > self.capacity:
             self._graphs.popitem(last=False)
         return True
+
+
+class OneGraph:
+    """One captured launch for a context (a TensorRT execution context) and when to capture it anew.
+
+    A captured launch holds the shapes its context had, so a context keeps one graph. Another shape
+    runs uncaptured, and replaces the graph only when it comes twice in a row (an out-of-memory
+    retry's halved batch, a new run's batch size): chunks that alternate (8, 4, 8, 4) never
+    re-capture, since every capture synchronises the device and would cost more than it saves. A
+    capture that fails (any of ``errors``) is said once and not tried again; the launch it
+    followed has already produced the outputs.
+    """
+
+    def __init__(self, name: str, enabled: bool = True, errors: tuple[type[Exception], ...] = ()) -> None:
+        self.name = name
+        self.enabled = enabled
+        self.errors = (RuntimeError, *errors)
+        self._graph: tuple[Hashable, Launch] | None = None  # shape, its replay
+        self._last: Hashable = None
+
+    def run(self, key: Hashable, execute: Launch, capture: Callable[[], Launch]) -> None:
+        """Replay the graph for ``key``, or ``execute`` and perhaps ``capture`` (which records, not runs)."""
+        repeated, self._last = self._last == key, key
+        if self._graph is not None and self._graph[0] == key:
+            self._graph[1]()
+            return
+        execute()
+        if not self.enabled or (self._graph is not None and not repeated):
+            return
+        try:
+            self._graph = (key, capture())
+        except torch.OutOfMemoryError:
+            raise
+        except self.errors as err:
+            log.warning("%s: running without CUDA graphs: %s", self.name, one_line(err))
+            self.enabled = False
+            self._graph = None

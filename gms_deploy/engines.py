@@ -22,7 +22,7 @@ from gms_deploy.backends.onnxruntime import graph_entry, read_manifest
 from gms_deploy.io.outputs import write_atomic
 from gms_deploy.onnx_export import MANIFEST, sha256
 from gms_deploy.trt.build import BatchProfile, build_engine
-from gms_deploy.trt.flavour import Flavour, find_flavour
+from gms_deploy.trt.flavour import ANY_GPU, Flavour, TrtUnavailable, any_gpu, find_flavour
 
 log = logging.getLogger(__name__)
 GRAPHS = ("encoder", "mapper", "decoder", "gms")
@@ -118,6 +118,8 @@ def build_engines(
     gpu = current_gpu()
     wanted = [t.upper() for t in targets]
     chosen.check_targets(tuple(wanted))
+    if gpu is not None and not wanted:
+        chosen.check_gpu(gpu.name, gpu.compute_capability)
     manifest_path = export_dir / MANIFEST
     records = []
     for graph in graphs:
@@ -132,6 +134,8 @@ def build_engines(
             "flavour": chosen.name,
             "version": chosen.version,
             "targets": wanted,
+            # TensorRT for RTX with no target named builds one engine for all its portable targets.
+            "portable": chosen.name == "rtx" and not wanted,
             "gpu": asdict(gpu) if gpu is not None else None,
             "profile": asdict(profile),
             "onnx_sha256": source["sha256"],
@@ -184,10 +188,12 @@ def check_engine(
             + advice
         )
     if gpu is not None:
-        targets = entry.get("targets") or []
-        built_on = (entry.get("gpu") or {}).get("compute_capability")
-        allowed = targets or ([built_on] if built_on else [])
-        if allowed and gpu.compute_capability not in allowed:
+        try:
+            flavour.check_gpu(gpu.name, gpu.compute_capability)
+        except TrtUnavailable as err:
+            raise BackendError(str(err)) from None
+        allowed = _runs_on(entry, flavour)
+        if allowed and gpu.compute_capability not in allowed and not any_gpu():
             raise BackendError(
                 f"{path}: built for {', '.join(allowed)}, this GPU ({gpu.name}) is "
                 f"{gpu.compute_capability}; {advice}"
@@ -199,12 +205,44 @@ def check_engine(
     return path
 
 
+def _runs_on(entry: dict[str, Any], flavour: Flavour) -> list[str]:
+    """The compute capabilities an engine was built for: its targets, all portable ones, or its GPU's."""
+    if entry.get("targets"):
+        return list(entry["targets"])
+    if entry.get("portable"):
+        return list(flavour.portable_targets())
+    built_on = (entry.get("gpu") or {}).get("compute_capability")
+    return [built_on] if built_on else []
+
+
+def invalidity_reasons(flavour: Flavour, diagnostics: int) -> str:
+    """TensorRT for RTX's ``EngineInvalidityDiagnostics`` bit mask in words."""
+    words = {
+        "VERSION_MISMATCH": "built by another TensorRT for RTX version",
+        "UNSUPPORTED_CC": "not built for this GPU's compute capability",
+        "OLD_CUDA_DRIVER": "the CUDA driver is too old",
+        "OLD_CUDA_RUNTIME": "the CUDA runtime is too old",
+        "INSUFFICIENT_GPU_MEMORY": "not enough free GPU memory",
+        "MALFORMED_ENGINE": "the file is damaged or no engine",
+        "CUDA_ERROR": "a CUDA error while checking",
+    }
+    members = getattr(flavour.trt, "EngineInvalidityDiagnostics", None)
+    flags = members.__members__.items() if members is not None else ()
+    found = [words.get(name, name.lower()) for name, bit in flags if int(diagnostics) & int(bit)]
+    return "; ".join(found) or f"diagnostics {int(diagnostics)}"
+
+
 def _check_validity(flavour: Flavour, path: Path, advice: str) -> None:
     """TensorRT for RTX's own verdict on an engine for this GPU and driver (needs a GPU)."""
     trt = flavour.trt
     runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
     validity, diagnostics = runtime.get_engine_validity(path.read_bytes())
+    reasons = invalidity_reasons(flavour, diagnostics)
     if validity == trt.EngineValidity.INVALID:
-        raise BackendError(f"{path}: {flavour.label} says it is invalid here ({diagnostics}); {advice}")
+        if any_gpu():
+            log.warning("%s: %s says it is invalid here (%s); loading it anyway (%s=1)", path,
+                        flavour.label, reasons, ANY_GPU)  # fmt: skip
+            return
+        raise BackendError(f"{path}: {flavour.label} says it is invalid here ({reasons}); {advice}")
     if validity == trt.EngineValidity.SUBOPTIMAL:
-        log.warning("%s: %s says it runs here but suboptimally (%s)", path, flavour.label, diagnostics)
+        log.warning("%s: %s says it runs here but suboptimally (%s)", path, flavour.label, reasons)

@@ -137,6 +137,7 @@ class FusedSegmenter(Segmenter):
         super().__init__(runner)
         self.device = runner.device
         self._staging: dict[str, torch.Tensor] = {}
+        self._uploaded: torch.cuda.Event | None = None  # the last copy up from the "frames" buffer
         self._preprocess = Graphed(preprocess_frames)
         self._masks = Graphed(frame_masks)
 
@@ -158,11 +159,16 @@ class FusedSegmenter(Segmenter):
         Frames of one size and type (a cart's frames all are) are resized together.
         """
         starts = np.cumsum([0] + [-(-frame.nbytes // ALIGN) * ALIGN for frame in batch])
+        if self._uploaded is not None:  # the last copy up may still read the pinned buffer
+            self._uploaded.synchronize()
         staging = self._host_buffer("frames", int(starts[-1]))
         host = staging.numpy()
         for frame, start in zip(batch, starts, strict=False):
             host[start : start + frame.nbytes] = frame.reshape(-1).view(np.uint8)
         on_device = staging.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            self._uploaded = torch.cuda.Event()
+            self._uploaded.record()
         frames = [
             on_device[start : start + frame.nbytes].view(TORCH_DTYPES[frame.dtype]).view(frame.shape)
             for frame, start in zip(batch, starts, strict=False)
@@ -170,7 +176,7 @@ class FusedSegmenter(Segmenter):
         size = self.runner.settings.image_size
         images = torch.empty((len(batch), 3, size, size), device=self.device)
         for indices in _alike(batch, with_dtype=True):
-            images[indices] = self._preprocess(torch.stack([frames[i] for i in indices]), size)
+            images[_rows(indices)] = self._preprocess(torch.stack([frames[i] for i in indices]), size)
         return images
 
     def network(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -182,7 +188,8 @@ class FusedSegmenter(Segmenter):
         masks: list[torch.Tensor] = [torch.empty(0)] * len(batch)
         for indices in _alike(batch, with_dtype=False):  # one replay per size
             height, width = batch[indices[0]].shape[:2]
-            for i, mask in zip(indices, self._masks(probs[indices], height, width, threshold), strict=True):
+            group = self._masks(probs[_rows(indices)], height, width, threshold)
+            for i, mask in zip(indices, group, strict=True):
                 masks[i] = mask.reshape(-1)
         # One byte per frame rides with the masks: whether its probabilities were all finite.
         flat = torch.cat([*masks, torch.isfinite(probs).flatten(1).all(1).to(torch.uint8)])
@@ -207,6 +214,16 @@ def _alike(batch: Sequence[np.ndarray], with_dtype: bool) -> list[list[int]]:
     for i, frame in enumerate(batch):
         groups.setdefault((frame.shape, frame.dtype) if with_dtype else frame.shape[:2], []).append(i)
     return list(groups.values())
+
+
+def _rows(indices: list[int]) -> slice | list[int]:
+    """A slice where the rows are contiguous (a cart's batch always is).
+
+    A list index is copied up from pageable memory on every use; a slice is not.
+    """
+    if indices == list(range(indices[0], indices[-1] + 1)):
+        return slice(indices[0], indices[-1] + 1)
+    return indices
 
 
 def segmenter_for(runner: Runner, fused: bool | None = None) -> Segmenter:

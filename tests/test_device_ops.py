@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import cv2
 import numpy as np
@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import cv2_with_ipp
 
-from gms_deploy.cuda_graphs import Graphed
+from gms_deploy.cuda_graphs import Graphed, OneGraph
 from gms_deploy.device_ops import frame_masks, masks_from_probs, preprocess_frames, upsample_probs
 from gms_deploy.postprocess import to_mask, upsample
 from gms_deploy.preprocess import preprocess
@@ -223,7 +223,7 @@ def test_without_ipp_the_cpu_path_keeps_the_official_numerics(shape: tuple[int, 
 
 FAILED_CAPTURE = """
 import logging, torch
-from gms_deploy.cuda_graphs import Graphed
+from gms_deploy.cuda_graphs import Graphed, OneGraph
 logging.basicConfig(level=logging.WARNING)
 def syncs(x):  # .item() waits for the GPU, which a stream being captured forbids
     return x * float(x.sum().item())
@@ -243,3 +243,45 @@ def test_a_failed_capture_runs_eagerly_on_the_callers_stream() -> None:
     done = subprocess.run([sys.executable, "-c", FAILED_CAPTURE], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "fell back" in done.stdout, done.stdout + done.stderr
     assert "syncs: running without CUDA graphs" in done.stderr
+
+
+class _Launches:
+    """What a context's launches did: run eagerly, captured, or replayed (a graph needs no GPU here)."""
+
+    def __init__(self, fail_capture: Exception | None = None) -> None:
+        self.log: list[str] = []
+        self.fail = fail_capture
+
+    def run(self, graphs: OneGraph, batch: int) -> None:
+        graphs.run(batch, lambda: self.log.append(f"run {batch}"), lambda: self.capture(batch))
+
+    def capture(self, batch: int) -> Callable[[], None]:
+        if self.fail is not None:
+            raise self.fail
+        self.log.append(f"capture {batch}")
+        return lambda: self.log.append(f"replay {batch}")
+
+
+def test_one_graph_is_not_recaptured_for_alternating_chunks() -> None:
+    """A batch beyond the profile runs as 8, 4, 8, 4: capturing each anew would synchronise every chunk."""
+    launches, graphs = _Launches(), OneGraph("engine")
+    for batch in (8, 4, 8, 4, 8):
+        launches.run(graphs, batch)
+    assert launches.log == ["run 8", "capture 8", "run 4", "replay 8", "run 4", "replay 8"]
+    launches.log.clear()
+    for batch in (4, 4, 4):  # an out-of-memory retry's halved batch, from then on
+        launches.run(graphs, batch)
+    assert launches.log == ["run 4", "run 4", "capture 4", "replay 4"]
+
+
+def test_a_failed_capture_is_said_once_and_not_tried_again(caplog: pytest.LogCaptureFixture) -> None:
+    """TensorRT's launch failing inside capture raises the engine's own error, not a RuntimeError."""
+    from gms_deploy.trt.engine import EngineLoadError
+
+    launches = _Launches(EngineLoadError("gms_fp16.engine: failed to run it (execute_async_v3)"))
+    graphs = OneGraph("gms_fp16.engine", errors=(EngineLoadError,))
+    for batch in (2, 2, 2, 1, 1):
+        launches.run(graphs, batch)
+    assert launches.log == ["run 2", "run 2", "run 2", "run 1", "run 1"]  # every batch still ran
+    assert caplog.text.count("running without CUDA graphs") == 1 and "execute_async_v3" in caplog.text
+    assert not graphs.enabled

@@ -25,9 +25,10 @@ from gms_deploy.backends import BackendError, open_runner
 from gms_deploy.backends.onnxruntime import read_manifest
 from gms_deploy.bundle import ModelBundle
 from gms_deploy.cli import app
-from gms_deploy.engines import GRAPHS, EngineRecord, GpuInfo, build_engines, check_engine
+from gms_deploy.engines import GRAPHS, EngineRecord, GpuInfo, build_engines, check_engine, invalidity_reasons
 from gms_deploy.onnx_export import MANIFEST, export_model, sha256
-from gms_deploy.trt import Flavour, find_flavour
+from gms_deploy.trt import Flavour, TrtUnavailable, find_flavour
+from gms_deploy.trt.flavour import ANY_GPU
 
 pytest.importorskip(
     "tensorrt_rtx", reason="TensorRT for RTX is not installed (pip install tensorrt-rtx-cu13)"
@@ -171,6 +172,36 @@ def test_cli_build_reports_each_engine(built: Path) -> None:
     assert "cannot target SM90" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
 
 
+H200 = GpuInfo("NVIDIA H200", 132, "SM90")
+
+
+def test_a_gpu_tensorrt_for_rtx_has_no_target_for_is_refused_up_front(built: Path, rtx: Flavour) -> None:
+    """Hopper (SM90) is not in its list: say so and what to use, not "invalid; rebuild" (no rebuild helps)."""
+    with pytest.raises(TrtUnavailable, match=r"no SM90 target \(NVIDIA H200\).*--trt tensorrt"):
+        rtx.check_gpu(H200.name, H200.compute_capability)
+    with pytest.raises(BackendError, match=r"no SM90 target .*--trt tensorrt") as caught:
+        check_engine(built, "gms", rtx, gpu=H200)
+    assert "\n" not in str(caught.value) and "--rebuild" not in str(caught.value)
+    rtx.check_gpu("NVIDIA GeForce RTX 4090", "SM89")  # listed: no complaint
+
+
+def test_a_portable_build_is_recorded_as_portable(built: Path, rtx: Flavour) -> None:
+    """No --target-cc: one engine for Ampere and later, not for the build machine's GPU (it has none)."""
+    (record,) = build_engines(built, flavour="rtx", max_batch=2, graphs=("mapper",))
+    assert record.status == "built"
+    entry = engines(built)["mapper"]
+    assert entry["portable"] is True and entry["targets"] == [] and entry["gpu"] is None
+    assert engines(built)["gms"]["portable"] is False  # built for SM86
+    with pytest.raises(BackendError, match=r"built for SM80, SM86, SM89, SM120.*this GPU .* is SM75"):
+        check_engine(built, "mapper", rtx, gpu=GpuInfo("NVIDIA GeForce RTX 2080 Ti", 68, "SM75"))
+
+
+def test_engine_invalidity_diagnostics_are_words(rtx: Flavour) -> None:
+    bits = rtx.trt.EngineInvalidityDiagnostics
+    reasons = invalidity_reasons(rtx, int(bits.UNSUPPORTED_CC) | int(bits.OLD_CUDA_DRIVER))
+    assert reasons == "not built for this GPU's compute capability; the CUDA driver is too old"
+
+
 @NO_GPU
 def test_tensorrt_runner_says_there_is_no_gpu(built: Path) -> None:
     with pytest.raises(BackendError, match="needs a CUDA GPU") as caught:
@@ -181,13 +212,18 @@ def test_tensorrt_runner_says_there_is_no_gpu(built: Path) -> None:
 
 
 @pytest.mark.gpu
-def test_tensorrt_runner_matches_onnxruntime_on_a_gpu(built: Path, rtx: Flavour) -> None:
+def test_tensorrt_runner_matches_onnxruntime_on_a_gpu(
+    built: Path, rtx: Flavour, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Built for the GPU present (replacing the SM86 engines), run, and compared with ONNX Runtime.
 
-    Where TensorRT for RTX lists no target for this GPU (Hopper's SM90), it is still tried: what it
-    does there is the finding, reported as the skip's reason.
+    Where TensorRT for RTX lists no target for this GPU (Hopper's SM90), it is still tried, past the
+    up-front refusal and the validity preflight: what it does there is the finding, reported as the
+    skip's reason.
     """
     target = "SM{}{}".format(*torch.cuda.get_device_capability())
+    if target not in rtx.compute_capabilities():
+        monkeypatch.setenv(ANY_GPU, "1")
     size = read_manifest(built)["settings"].image_size
     images = np.random.default_rng(0).uniform(-1, 1, (3, 3, size, size)).astype(np.float32)
     try:

@@ -154,3 +154,23 @@ def test_broken_exports_fail_in_one_line(case: str, tiny_onnx: Path, tmp_path: P
         ],
     )
     assert done.exit_code == 2 and "Traceback" not in done.output
+
+
+def test_a_provider_that_did_not_load_is_refused_not_run_on_the_cpu(tiny_onnx: Path) -> None:
+    """ONNX Runtime drops a provider it cannot load and runs on the CPU; CPU timings must not pass as CUDA.
+
+    This onnxruntime has no CUDA provider at all, which is what a broken onnxruntime-gpu looks like
+    to the session.
+    """
+    import onnxruntime as ort
+
+    from gms_deploy.backends.onnxruntime import CPU, CUDA, graph_entry, open_session, read_manifest
+
+    manifest = read_manifest(tiny_onnx)
+    entry = graph_entry(manifest, tiny_onnx, "gms", "fp32")
+    if CUDA in ort.get_available_providers():
+        pytest.skip("this onnxruntime has a CUDA provider")
+    with pytest.raises(BackendError, match=f"did not load {CUDA}.*would run on {CPU}") as caught:
+        open_session(tiny_onnx, entry, manifest["settings"], [(CUDA, {"device_id": 0}), CPU])
+    assert "\n" not in str(caught.value)
+    assert open_session(tiny_onnx, entry, manifest["settings"], [CPU]).get_providers() == [CPU]

@@ -183,9 +183,20 @@ def open_session(
         del model.graph.value_info[:]
         source = modify_outputs(model, outputs=constants.MARK_ALL).SerializeToString()
     try:
-        return ort.InferenceSession(source, options, providers=providers)
+        session = ort.InferenceSession(source, options, providers=providers)
     except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph/RuntimeException types
         raise BackendError(f"{path}: onnxruntime cannot load it: {one_line(err)}") from None
+    # A provider whose libraries do not load (CUDA, cuDNN) is dropped with a warning that the log
+    # level above hides, and the session runs on the CPU: what was asked for must be what runs.
+    asked = [p if isinstance(p, str) else p[0] for p in providers]
+    missing = [p for p in asked if p not in session.get_providers()]
+    if missing:
+        raise BackendError(
+            f"{path}: onnxruntime did not load {', '.join(missing)} (its CUDA or cuDNN libraries are "
+            f"missing or do not match) and would run on {session.get_providers()[0]}; use --device cpu "
+            "or fix the onnxruntime-gpu install"
+        )
+    return session
 
 
 class OnnxRuntimeRunner(Runner):

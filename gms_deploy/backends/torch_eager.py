@@ -40,8 +40,13 @@ class TorchRunner(DeviceRunner):
             raise BackendError(f"{self.name} FP16 needs a CUDA GPU; on a CPU it runs FP32")
         if self.device.type == "cuda" and self.precision == "fp32":
             # FP32 means FP32: PyTorch lets cuDNN convolve in TF32 by default (about 1e-3 off).
-            torch.backends.cudnn.allow_tf32 = False
-            torch.backends.cuda.matmul.allow_tf32 = False
+            # torch >= 2.9 has fp32_precision, and inductor raises where it is mixed with allow_tf32.
+            if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+                torch.backends.cuda.matmul.fp32_precision = "ieee"
+                torch.backends.cudnn.conv.fp32_precision = "ieee"
+            else:
+                torch.backends.cudnn.allow_tf32 = False
+                torch.backends.cuda.matmul.allow_tf32 = False
         self.settings = bundle.settings
         self.bundle = bundle
         self.model = self._place(bundle.build())

@@ -51,22 +51,6 @@ class BuiltEngine:
     inputs: dict[str, tuple[int, ...]]
 
 
-def _logger(flavour: Flavour) -> Any:
-    """A TensorRT logger that keeps errors, so a failed build can say why in one line."""
-    trt = flavour.trt
-
-    class Collecting(trt.ILogger):  # type: ignore[misc,name-defined]
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-            self.errors: list[str] = []
-
-        def log(self, severity: Any, msg: str) -> None:
-            if severity in (trt.ILogger.ERROR, trt.ILogger.INTERNAL_ERROR):
-                self.errors.append(" ".join(msg.split()))
-
-    return Collecting()
-
-
 def _progress(flavour: Flavour, label: str) -> Any:
     """An ``IProgressMonitor`` logging each top-level phase and its percent at INFO (None if absent)."""
     trt = flavour.trt
@@ -153,7 +137,7 @@ def build_engine(
     """
     profile = profile or BatchProfile()
     trt = flavour.trt
-    logger = _logger(flavour)
+    logger = flavour.error_logger()
     tick = time.perf_counter()
     builder = trt.Builder(logger)
     network = _parse(flavour, builder, Path(onnx_path), logger)

@@ -7,9 +7,8 @@ flavours get them differently, each as its makers document: TensorRT for RTX cap
 its own graphs (``CudaGraphStrategy.WHOLE_GRAPH_CAPTURE``; capturing its launch from outside needs
 an engine built for user allocation), TensorRT's launch is captured here right after an
 uncaptured run at a batch size (as TensorRT's demo/Diffusion does), and where capture fails the
-engine runs uncaptured with a warning. A captured launch holds the shapes its context had, so one
-context keeps one graph: another batch size (a run's last, partial batch) runs uncaptured and is
-captured in its place. TensorRT for RTX compiles kernels just in time:
+engine runs uncaptured with a warning. When to capture, and when not to, is
+``cuda_graphs.OneGraph``'s. TensorRT for RTX compiles kernels just in time:
 eagerly for each new batch size (so a benchmark's warm-up settles them), kept in a runtime cache
 file so that later processes start fast.
 """
@@ -22,6 +21,7 @@ from typing import Any
 
 import torch
 
+from gms_deploy.cuda_graphs import Launch, OneGraph
 from gms_deploy.io.outputs import write_atomic
 from gms_deploy.messages import one_line
 from gms_deploy.trt.flavour import Flavour
@@ -32,7 +32,7 @@ DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "INT32": torch.int32, "
 
 
 class EngineLoadError(Exception):
-    """TensorRT could not deserialise the engine or make a context for it; ``str()`` is one line."""
+    """TensorRT could not load, set up or run the engine; ``str()`` is one line with TensorRT's reason."""
 
 
 class Engine:
@@ -50,11 +50,13 @@ class Engine:
         self.path = Path(path)
         self.device = device
         self.runtime_cache = runtime_cache
+        self.label = flavour.label
+        self._logger = flavour.error_logger()
         with torch.cuda.device(device):
-            self.runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
+            self.runtime = trt.Runtime(self._logger)
             self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
             if self.engine is None:
-                raise EngineLoadError(f"{self.path}: {flavour.label} cannot deserialise it")
+                raise self._error("cannot deserialise it")
             self._cache: Any = None  # TensorRT for RTX's IRuntimeCache, where there is one
             self._capture = cuda_graphs  # this class captures; TensorRT for RTX captures itself
             if hasattr(self.engine, "create_runtime_config"):
@@ -63,13 +65,19 @@ class Engine:
             else:
                 self.context = self.engine.create_execution_context()
         if self.context is None:
-            raise EngineLoadError(f"{self.path}: {flavour.label} cannot create an execution context")
+            raise self._error("cannot create an execution context")
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if n not in self.inputs]
         self.stream = torch.cuda.Stream(device)
         self._buffers: dict[int, dict[str, torch.Tensor]] = {}
-        self._graph: tuple[int, torch.cuda.CUDAGraph] | None = None  # batch size, its launch
+        self._graphs = OneGraph(self.path.name, self._capture, errors=(EngineLoadError,))
+
+    def _error(self, what: str) -> EngineLoadError:
+        """``what`` went wrong, with what TensorRT logged about it (its last few errors)."""
+        said = "; ".join(self._logger.errors[-3:])
+        self._logger.errors.clear()
+        return EngineLoadError(f"{self.path}: {self.label} {what}" + (f": {said}" if said else ""))
 
     def _dtype(self, name: str) -> torch.dtype:
         return DTYPES[self.engine.get_tensor_dtype(name).name]
@@ -95,7 +103,7 @@ class Engine:
 
     def _execute(self) -> None:
         if not self.context.execute_async_v3(self.stream.cuda_stream):
-            raise EngineLoadError(f"{self.path}: execute_async_v3 failed")
+            raise self._error("failed to run it (execute_async_v3)")
 
     def _runtime_config(self, trt: Any) -> Any:
         """TensorRT for RTX's runtime settings: its own CUDA graphs, eager kernels, the runtime cache."""
@@ -123,31 +131,24 @@ class Engine:
         with torch.cuda.stream(self.stream):
             for name, tensor in feeds.items():
                 buffers[name].copy_(tensor)
-            if self._graph is not None and self._graph[0] == batch:
-                self._graph[1].replay()
-            else:
-                self._execute()
-                if self._capture:
-                    self._capture_graph(batch)
+            self._graphs.run(batch, self._execute, self._capture_graph)
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
         if first:
             self.save_runtime_cache()
         return {name: buffers[name] for name in self.outputs}
 
-    def _capture_graph(self, batch: int) -> None:
-        """Record the launch just run at ``batch`` (recording does not run it) for later replays."""
+    def _capture_graph(self) -> Launch:
+        """Record the launch just run (recording does not run it); its replay, for later calls.
+
+        The caller's stream context around this puts the stream back where capture fails.
+        """
         capturable = getattr(self.context, "is_stream_capturable", None)
+        if capturable is not None and not capturable(self.stream.cuda_stream):
+            raise RuntimeError("TensorRT says this context cannot be stream-captured")
         graph = torch.cuda.CUDAGraph()
-        try:
-            if capturable is not None and not capturable(self.stream.cuda_stream):
-                raise RuntimeError("TensorRT says this context cannot be stream-captured")
-            with torch.cuda.graph(graph, stream=self.stream):
-                self._execute()
-        except RuntimeError as err:
-            log.warning("%s: running without CUDA graphs: %s", self.path.name, one_line(err))
-            self._capture = False
-            return
-        self._graph = (batch, graph)
+        with torch.cuda.graph(graph, stream=self.stream):
+            self._execute()
+        return graph.replay
 
     def save_runtime_cache(self) -> None:
         """Persist TensorRT for RTX's just-in-time kernels (a no-op without a runtime cache)."""
