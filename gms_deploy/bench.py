@@ -19,11 +19,12 @@ listed as skipped with its reason, so a CPU-only laptop and an H100 run the same
 
 from __future__ import annotations
 
+import os
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from functools import partial
+from functools import cached_property, partial
 from itertools import cycle, islice
 from pathlib import Path
 from typing import Any, TypeVar
@@ -38,6 +39,7 @@ from gms_deploy.backends.torch_eager import torch_device
 from gms_deploy.bundle import ModelBundle
 from gms_deploy.io.frames import InputError
 from gms_deploy.io.inputs import discover, read_frames
+from gms_deploy.machine_load import MachineLoad
 from gms_deploy.metrics import dice
 from gms_deploy.segment import Segmentation, Segmenter, segmenter_for
 
@@ -88,6 +90,8 @@ class BenchConfig:
     iterations: int | None = None
     frames: Path | None = None
     """Images or DICOM cycled to fill each batch (default: the package's sample images)."""
+    threads: int | None = None
+    """CPU threads for every backend alike (default: the cores this process may use)."""
     submodels: bool = True
     """Time encoder, mapper and decoder apart too; for torch-compiled that compiles each of them again."""
 
@@ -111,8 +115,13 @@ class BenchRecord:
     latency_ms_p99: float | None = None
     throughput_img_s: float | None = None
     speedup_vs_eager: float | None = None
+    """The median over rounds of eager FP32's time over this one's, both taken in the same round."""
+    speedup_min: float | None = None
+    speedup_max: float | None = None
     peak_gpu_mem_mib: float | None = None
-    """PyTorch's allocator only: ONNX Runtime's CUDA memory is invisible to it, so None there."""
+    """PyTorch variants on a GPU: their weights plus the most the allocator rose above what was held
+    during a timed batch. None for ONNX Runtime and TensorRT, whose memory PyTorch cannot see: the
+    environment's ``gpu_process_mem_mib`` (NVML) is the figure that includes them."""
     stages_ms: dict[str, float] = field(default_factory=dict)
     """Medians: pre, network, post, and encoder, mapper, decoder where the runner exposes them."""
     dice_mean: float | None = None
@@ -134,28 +143,55 @@ class BenchRecord:
 
 
 @dataclass
+class _Opened:
+    """A variant's runner, held for the whole run so that every round times all of them."""
+
+    variant: Variant
+    runner: Runner
+    fixed_size: int | None
+    """The image size an export runs at; None where the runner is built at any size (PyTorch)."""
+    weights_mib: float | None
+    """What opening it added to PyTorch's allocator on the GPU: its weights (PyTorch variants only)."""
+
+    @cached_property
+    def segmenter(self) -> Segmenter:
+        return segmenter_for(self.runner, fused=self.variant.pipeline == FUSED)
+
+
+@dataclass
 class _Measured:
     """One variant on one batch: the timings and the outputs, before comparison with eager FP32."""
 
     latencies_ms: list[float]
+    """One per round, in round order: round ``i`` of every variant ran within the same minute."""
     stages_ms: dict[str, float]
     peak_gpu_mem_mib: float | None
     outputs: list[Segmentation]
 
-    @property
-    def p50(self) -> float:
-        return float(np.percentile(self.latencies_ms, 50))
-
 
 @dataclass
-class _Reference:
-    """Eager FP32 at one image and batch size: what every other variant is compared with."""
+class BenchResult:
+    """The records, and what decides whether their ratios hold: thread budget and machine load."""
 
-    measured: _Measured
-    gflop_per_image: float
+    records: list[BenchRecord]
+    threads: int
+    load: MachineLoad
+    gpu_process_mem_mib: float | None = None
+    """NVML's figure for this whole process at the end, every variant held at once: the one place
+    TensorRT's and ONNX Runtime's GPU memory shows; None without a GPU or where NVML cannot say."""
+
+    def environment(self) -> dict[str, Any]:
+        return {
+            "torch_threads": self.threads,
+            "onnxruntime_threads": self.threads,
+            "timing": "interleaved rounds: each round times every variant once, in rotating order",
+            **self.load.to_json(),
+            "gpu_process_mem_mib": self.gpu_process_mem_mib,
+            "gpu_process_mem_source": "NVML, this process after the last round, all variants held",
+        }
 
 
-def run_bench(config: BenchConfig, progress: Progress | None = None) -> list[BenchRecord]:
+def run_bench(config: BenchConfig, progress: Progress | None = None) -> BenchResult:
     """Run every variant over every image and batch size; skipped variants come back as records too.
 
     Raises ``BackendError`` before anything is timed where a backend the user asked for cannot run
@@ -168,63 +204,56 @@ def run_bench(config: BenchConfig, progress: Progress | None = None) -> list[Ben
     gpu = device.type == "cuda"
     warmup = 3 if config.warmup is None else config.warmup
     iterations = (20 if gpu else 5) if config.iterations is None else config.iterations
+    threads = config.threads or len(os.sched_getaffinity(0))
     # Smallest first, each once: torch-compiled pads a batch smaller than one it compiled, so a
     # larger size timed first would have the smaller one timed at the larger's cost.
     batch_sizes = tuple(sorted(set(config.batch_sizes or ((1, 8, 32) if gpu else (1, 4)))))
-    if min(batch_sizes) < 1 or iterations < 1 or warmup < 0:
-        raise ValueError("batch sizes and iterations must be at least 1, warm-up at least 0")
+    if min(batch_sizes) < 1 or iterations < 1 or warmup < 0 or threads < 1:
+        raise ValueError("batch sizes, iterations and threads must be at least 1, warm-up at least 0")
     bundle = resolve_bundle(config.model, None, None)
     _check_export(config.export)
     image_sizes = config.image_sizes or (bundle.settings.image_size,)
     frames = _load_frames(config.frames or SAMPLES, max(batch_sizes))
     peak_tflops = _fp16_peak_tflops(device) if gpu else None
-
-    runnable, records = _available(config, bundle, device, image_sizes[0])
-    steps: list[tuple[Variant, int]] = []
-    for size in image_sizes:
-        for variant, fixed_size in runnable:
-            if fixed_size in (None, size):
-                steps.append((variant, size))
-            else:
-                why = f"exported at {fixed_size} x {fixed_size}; export again with --image-size {size}"
-                records.append(variant.record(image_size=size, status="skipped", reason=why))
-    baseline = _baseline(device)
-    total, done = len(steps) * len(batch_sizes), 0
-    references: dict[tuple[int, int], _Reference] = {}
-    for variant, size in steps:
-        runner = _open(variant, bundle, config.export, size)
-        segmenter = segmenter_for(runner, fused=variant.pipeline == "fused")
-        gflop = _gflop_per_image(runner, size) if variant == baseline else None
-        for batch_size in batch_sizes:
-            if progress:
-                progress(done, total, f"{variant.label} {size}px batch {batch_size}")
-            batch = list(islice(cycle(frames), batch_size))
-            done += 1
-            reference = references.get((size, batch_size))
-            if gflop is None and reference is None:
-                why = f"eager FP32 did not run at batch {batch_size}: nothing to compare with"
-                records.append(
-                    variant.record(image_size=size, batch_size=batch_size, status="skipped", reason=why)
-                )
-                continue
-            try:
-                measured = _measure(runner, segmenter, batch, warmup, iterations, config.submodels)
-            except torch.cuda.OutOfMemoryError:
-                torch.cuda.empty_cache()
-                why = f"out of GPU memory at batch {batch_size}"
-                records.append(
-                    variant.record(image_size=size, batch_size=batch_size, status="skipped", reason=why)
-                )
-                continue
-            if gflop is not None:
-                reference = references[size, batch_size] = _Reference(measured, gflop)
-            records.append(_record(variant, runner, size, measured, reference, peak_tflops))
-        del runner, segmenter
-        if gpu:
-            torch.cuda.empty_cache()
+    timing = _Timing(warmup, iterations, config.submodels, peak_tflops)
+    load = MachineLoad(threads)
+    total, done = len(image_sizes) * len(batch_sizes), 0
+    held = torch.get_num_threads()
+    torch.set_num_threads(threads)  # ONNX Runtime sessions take the same budget (``open_session``)
+    try:
+        opened, records = _available(config, bundle, device, image_sizes[0])
+        for size in image_sizes:
+            here = _at_size(opened, size, bundle, config.export, records)
+            gflop = _gflop_per_image(here[0].runner, size)
+            for batch_size in batch_sizes:
+                if progress:
+                    progress(done, total, f"{size}px batch {batch_size}, {len(here)} variants")
+                batch = list(islice(cycle(frames), batch_size))
+                records += _bench_batch(here, batch, size, gflop, timing, load)
+                done += 1
+        gpu_mib = _process_gpu_mib() if gpu else None
+    finally:
+        torch.set_num_threads(held)
     if progress:
         progress(done, total, "done")
-    return records
+    return BenchResult(records, threads, load, gpu_mib)
+
+
+def _at_size(
+    opened: list[_Opened], size: int, bundle: ModelBundle, export: Path | None, records: list[BenchRecord]
+) -> list[_Opened]:
+    """The variants that run at ``size``: PyTorch ones built anew for it (replacing the held one in
+    ``opened``), exports only at the size they were exported for (a skipped record otherwise)."""
+    here: list[_Opened] = []
+    for i, item in enumerate(opened):
+        if item.fixed_size not in (None, size):
+            why = f"exported at {item.fixed_size} x {item.fixed_size}; export again with --image-size {size}"
+            records.append(item.variant.record(image_size=size, status="skipped", reason=why))
+        else:
+            if item.fixed_size is None and item.runner.settings.image_size != size:
+                opened[i] = item = _open_held(item.variant, bundle, export, size)
+            here.append(item)
+    return here
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -291,13 +320,13 @@ def _candidates(config: BenchConfig, device: torch.device) -> list[tuple[Variant
 
 def _available(
     config: BenchConfig, bundle: ModelBundle, device: torch.device, size: int
-) -> tuple[list[tuple[Variant, int | None]], list[BenchRecord]]:
-    """Variants that open here with the image size they are fixed to (None: any), and skipped records.
+) -> tuple[list[_Opened], list[BenchRecord]]:
+    """Every variant that opens here, eager FP32 first, and a skipped record for each that does not.
 
-    Each runner is opened once and dropped, so that a broken export or a missing engine ends the run
-    before anything is timed; only one model is held at a time, so peak memory is each one's own.
+    All are opened before anything is timed, so that a broken export or a missing engine ends the
+    run at once, and held to the end, so that each round times every one of them.
     """
-    runnable: list[tuple[Variant, int | None]] = []
+    opened: list[_Opened] = []
     skipped: list[BenchRecord] = []
     reasons: dict[str, list[str]] = defaultdict(list)
     baseline = _baseline(device)
@@ -306,24 +335,20 @@ def _available(
             continue
         if reason is None:
             try:
-                runner = _open(variant, bundle, config.export, size)
+                opened.append(_open_held(variant, bundle, config.export, size))
+                continue
             except (BackendError, ImportError) as err:  # ImportError: the export extra is not installed
                 if variant == baseline:
                     raise
                 reason = str(err) if isinstance(err, BackendError) else f"{err.name} is not installed"
-            else:
-                fixed = None if variant.backend in TORCH_BACKENDS else runner.settings.image_size
-                runnable.append((variant, fixed))
-                del runner
-                continue
         reasons[variant.backend].append(reason)
         skipped.append(variant.record(status="skipped", reason=reason))
     for backend in config.backends:
-        if all(variant.backend != backend for variant, _ in runnable):
+        if all(item.variant.backend != backend for item in opened):
             raise BackendError(
                 f"--backend {backend} cannot run here: {'; '.join(dict.fromkeys(reasons[backend]))}"
             )
-    return runnable, skipped
+    return opened, skipped
 
 
 def _baseline(device: torch.device) -> Variant:
@@ -340,6 +365,16 @@ def _open(variant: Variant, bundle: ModelBundle, export: Path | None, size: int)
         kind = TorchCompiledRunner if variant.backend == "torch-compiled" else TorchRunner
         return kind(bundle.with_settings(image_size=size), variant.device, variant.precision)
     return open_runner(variant.backend, export, device=variant.device, precision=variant.precision)
+
+
+def _open_held(variant: Variant, bundle: ModelBundle, export: Path | None, size: int) -> _Opened:
+    gpu = torch.device(variant.device).type == "cuda"
+    before = torch.cuda.memory_allocated(variant.device) if gpu else 0
+    runner = _open(variant, bundle, export, size)
+    if variant.backend in TORCH_BACKENDS:
+        weights = (torch.cuda.memory_allocated(variant.device) - before) / 2**20 if gpu else None
+        return _Opened(variant, runner, None, weights)
+    return _Opened(variant, runner, runner.settings.image_size, None)
 
 
 def _timed(fn: Callable[[], T], gpu: bool) -> tuple[T, float]:
@@ -361,52 +396,134 @@ def _timed(fn: Callable[[], T], gpu: bool) -> tuple[T, float]:
     return out, begin.elapsed_time(end)
 
 
-def _measure(
-    runner: Runner,
-    segmenter: Segmenter,
+@dataclass(frozen=True)
+class _Timing:
+    warmup: int
+    iterations: int
+    submodels: bool
+    peak_tflops: float | None
+
+
+def _bench_batch(
+    here: list[_Opened],
     batch: Sequence[np.ndarray],
-    warmup: int,
-    iterations: int,
-    submodels: bool,
-) -> _Measured:
-    """End-to-end latencies and peak memory, then per-phase medians, then the outputs to compare."""
-    gpu = isinstance(runner, DeviceRunner) and runner.device.type == "cuda"
-    threshold = runner.settings.threshold
+    size: int,
+    gflop: float,
+    timing: _Timing,
+    load: MachineLoad,
+) -> list[BenchRecord]:
+    """Warm every variant up, time them all in interleaved rounds, then their stages and outputs apart.
 
-    def end_to_end() -> list[Segmentation]:
-        return segmenter.segment([segmenter.prepare(frame) for frame in batch], threshold)
+    A round times each variant once, starting one further along the list each time, so a load that
+    comes and goes lands on all of them alike, and each round gives one ratio against eager FP32.
+    Warm-up and compilation stay outside the rounds; so does the load measurement.
+    """
+    calls = {id(item): _end_to_end(item, batch) for item in here}
+    records: list[BenchRecord] = []
+    live = [
+        item
+        for item in here
+        if _fits(
+            item,
+            size,
+            len(batch),
+            records,
+            lambda item=item: [calls[id(item)]() for _ in range(timing.warmup)],
+        )
+    ]
+    latencies: dict[int, list[float]] = {id(item): [] for item in live}
+    peaks: dict[int, float] = defaultdict(float)
+    with load.measure():
+        for round_ in range(timing.iterations):
+            start = round_ % max(1, len(live))
+            for item in live[start:] + live[:start]:
+                ms, peak = _timed_with_peak(calls[id(item)], item)
+                latencies[id(item)].append(ms)
+                peaks[id(item)] = max(peaks[id(item)], peak)
+    measured: dict[int, _Measured] = {}
+    for item in live:
 
-    for _ in range(warmup):
-        end_to_end()
-    if gpu:
-        torch.cuda.reset_peak_memory_stats(runner.device)
-    latencies = [_timed(end_to_end, gpu)[1] for _ in range(iterations)]
-    peak_mib = torch.cuda.max_memory_allocated(runner.device) / 2**20 if gpu else None
-    stages = _stage_times(runner, segmenter, batch, gpu, warmup, iterations, submodels)
-    outputs = segmenter.segment([segmenter.prepare(frame) for frame in batch], threshold, keep_prob=True)
-    return _Measured(latencies, stages, peak_mib, outputs)
+        def finish(item: _Opened = item) -> None:
+            stages = _stage_times(item, batch, timing)
+            own = None if item.weights_mib is None else item.weights_mib + peaks[id(item)]
+            measured[id(item)] = _Measured(latencies[id(item)], stages, own, _outputs(item, batch))
+
+        _fits(item, size, len(batch), records, finish)
+    reference = measured.get(id(here[0]))
+    for item in here:
+        if id(item) not in measured:
+            continue
+        if reference is None:
+            why = f"eager FP32 did not run at batch {len(batch)}: nothing to compare with"
+            records.append(
+                item.variant.record(image_size=size, batch_size=len(batch), status="skipped", reason=why)
+            )
+        else:
+            records.append(_record(item, size, measured[id(item)], reference, gflop, timing.peak_tflops))
+    return records
 
 
-def _stage_times(
-    runner: Runner,
-    segmenter: Segmenter,
-    batch: Sequence[np.ndarray],
-    gpu: bool,
-    warmup: int,
-    iterations: int,
-    submodels: bool,
-) -> dict[str, float]:
+def _end_to_end(item: _Opened, batch: Sequence[np.ndarray]) -> Callable[[], list[Segmentation]]:
+    """A batch as a user's frames go through: ``prepare`` per frame, then ``segment``."""
+    segmenter, threshold = item.segmenter, item.runner.settings.threshold
+    return lambda: segmenter.segment([segmenter.prepare(frame) for frame in batch], threshold)
+
+
+def _fits(
+    item: _Opened, size: int, batch_size: int, records: list[BenchRecord], work: Callable[[], Any]
+) -> bool:
+    """``work()``; where the GPU runs out of memory, a skipped record in its place and False."""
+    try:
+        work()
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        why = f"out of GPU memory at batch {batch_size}"
+        records.append(
+            item.variant.record(image_size=size, batch_size=batch_size, status="skipped", reason=why)
+        )
+        return False
+    return True
+
+
+def _timed_with_peak(fn: Callable[[], Any], item: _Opened) -> tuple[float, float]:
+    """Milliseconds, and how far PyTorch's allocator rose above what was held before (MiB, GPU only).
+
+    Only PyTorch variants report it: ONNX Runtime and TensorRT allocate where PyTorch cannot see.
+    """
+    tracked = item.weights_mib is not None
+    if tracked:
+        torch.cuda.reset_peak_memory_stats(item.variant.device)
+        before = torch.cuda.memory_allocated(item.variant.device)
+    _, ms = _timed(fn, _on_gpu(item.runner))
+    if not tracked:
+        return ms, 0.0
+    return ms, (torch.cuda.max_memory_allocated(item.variant.device) - before) / 2**20
+
+
+def _on_gpu(runner: Runner) -> bool:
+    return isinstance(runner, DeviceRunner) and runner.device.type == "cuda"
+
+
+def _outputs(item: _Opened, batch: Sequence[np.ndarray]) -> list[Segmentation]:
+    segmenter = item.segmenter
+    return segmenter.segment(
+        [segmenter.prepare(frame) for frame in batch], item.runner.settings.threshold, keep_prob=True
+    )
+
+
+def _stage_times(item: _Opened, batch: Sequence[np.ndarray], timing: _Timing) -> dict[str, float]:
     """Median milliseconds of each phase, timed one at a time, after ``warmup`` untimed rounds.
 
     The warm-up matters for the encoder, mapper and decoder of a compiled runner: each is a graph
     of its own, compiled on its first call.
     """
+    runner, segmenter, gpu = item.runner, item.segmenter, _on_gpu(item.runner)
     device = runner.device if isinstance(runner, DeviceRunner) else None
-    stages = runner.stages() if submodels and isinstance(runner, DeviceRunner) else {}
+    stages = runner.stages() if timing.submodels and isinstance(runner, DeviceRunner) else {}
     threshold = runner.settings.threshold
     times: dict[str, list[float]] = defaultdict(list)
     with torch.inference_mode():
-        for round_ in range(warmup + iterations):
+        for round_ in range(timing.warmup + timing.iterations):
             prepared, prepare_ms = _timed(lambda: [segmenter.prepare(frame) for frame in batch], gpu)
             inputs, inputs_ms = _timed(partial(segmenter.network_inputs, prepared), gpu)
             probs, network_ms = _timed(partial(segmenter.network, inputs), gpu)
@@ -415,42 +532,48 @@ def _stage_times(
             tensor = inputs  # each stage runs on the previous one's output, as ``forward`` chains them
             for name, stage in stages.items():
                 tensor, step[name] = _timed(partial(stage, torch.as_tensor(tensor, device=device)), gpu)
-            if round_ >= warmup:
+            if round_ >= timing.warmup:
                 for name, ms in step.items():
                     times[name].append(ms)
     return {name: float(np.median(values)) for name, values in times.items()}
 
 
 def _record(
-    variant: Variant,
-    runner: Runner,
+    item: _Opened,
     size: int,
     measured: _Measured,
-    reference: _Reference,
+    reference: _Measured,
+    gflop: float,
     peak_tflops: float | None,
 ) -> BenchRecord:
-    """The row: timings, and what is relative to eager FP32 (speed-up, agreement, roofline)."""
-    pairs = list(zip(measured.outputs, reference.measured.outputs, strict=True))
+    """The row: timings, and what is relative to eager FP32 (speed-up, agreement, roofline).
+
+    The speed-up is the median of one ratio per round, each of two timings taken side by side.
+    """
+    pairs = list(zip(measured.outputs, reference.outputs, strict=True))
     scores = [dice(mine.mask, theirs.mask, empty=1.0) for mine, theirs in pairs]
     p50, p90, p99 = (float(p) for p in np.percentile(measured.latencies_ms, [50, 90, 99]))
+    ratios = np.array(reference.latencies_ms) / np.array(measured.latencies_ms)
     throughput = len(pairs) / (p50 / 1e3)
-    achieved = reference.gflop_per_image * throughput / 1e3
-    return variant.record(
+    achieved = gflop * throughput / 1e3
+    return item.variant.record(
         image_size=size,
         batch_size=len(pairs),
-        description=runner.description,
+        description=item.runner.description,
         iterations=len(measured.latencies_ms),
         latency_ms_p50=p50,
         latency_ms_p90=p90,
         latency_ms_p99=p99,
         throughput_img_s=throughput,
-        speedup_vs_eager=reference.measured.p50 / p50,
+        speedup_vs_eager=float(np.median(ratios)),
+        speedup_min=float(ratios.min()),
+        speedup_max=float(ratios.max()),
         peak_gpu_mem_mib=measured.peak_gpu_mem_mib,
         stages_ms=measured.stages_ms,
         dice_mean=float(np.mean(scores)),
         dice_min=float(np.min(scores)),
         prob_max_abs=max(float(np.abs(mine.prob - theirs.prob).max()) for mine, theirs in pairs),
-        gflop_per_image=reference.gflop_per_image,
+        gflop_per_image=gflop,
         achieved_tflop_s=achieved,
         roofline_pct=None if peak_tflops is None else 100.0 * achieved / peak_tflops,
     )
@@ -467,3 +590,30 @@ def _gflop_per_image(runner: Runner, size: int) -> float:
 def _fp16_peak_tflops(device: torch.device) -> float | None:
     name = torch.cuda.get_device_name(device)
     return next((peak for key, peak in FP16_PEAK_TFLOPS.items() if key in name), None)
+
+
+def _process_gpu_mib() -> float | None:
+    """This process's GPU memory on every GPU as NVML reports it, None where NVML cannot say.
+
+    A container may hide the process from NVML (another PID namespace): then None, not zero.
+    """
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # ImportError, or pynvml's NVMLError where no driver answers
+        return None
+    try:
+        used = [
+            process.usedGpuMemory
+            for index in range(pynvml.nvmlDeviceGetCount())
+            for process in pynvml.nvmlDeviceGetComputeRunningProcesses(
+                pynvml.nvmlDeviceGetHandleByIndex(index)
+            )
+            if process.pid == os.getpid() and process.usedGpuMemory is not None
+        ]
+    except pynvml.NVMLError:
+        return None
+    finally:
+        pynvml.nvmlShutdown()
+    return sum(used) / 2**20 if used else None

@@ -413,6 +413,10 @@ def bench(
             help="Also time encoder, mapper and decoder apart (torch-compiled compiles each once more)."
         ),
     ] = True,
+    threads: Annotated[
+        int | None,
+        typer.Option(min=1, help="CPU threads for every backend alike (default: the cores this may use)."),
+    ] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write records + environment here.")] = None,
     plot_out: Annotated[
         Path | None, typer.Option("--plot", help="Latency and throughput plot (PNG).")
@@ -436,6 +440,7 @@ def bench(
         iterations=iterations,
         frames=frames,
         submodels=submodels,
+        threads=threads,
     )
     with tqdm(desc="benchmarking", unit="run", leave=False, disable=None) as bar:
 
@@ -445,15 +450,18 @@ def bench(
             bar.update(done - bar.n)
 
         try:
-            records = run_bench(config, progress)
+            result = run_bench(config, progress)
         except (BackendError, CheckpointError, ValueError) as err:
             raise _fail(str(err)) from None
-    typer.echo(format_table(records))
+    typer.echo(format_table(result.records))
+    warning = result.load.warning()
+    if warning:
+        typer.echo(f"warning: {warning}", err=True)
     try:
         if json_out is not None:
-            write_json(json_out, records, environment())
+            write_json(json_out, result.records, environment() | result.environment())
         if plot_out is not None:
-            plot(plot_out, records)
+            plot(plot_out, result.records)
     except ModuleNotFoundError as err:
         raise _fail(str(err)) from None
     except OSError as err:

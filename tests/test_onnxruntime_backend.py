@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from pydicom.data import get_testdata_file
 from test_export import exported
@@ -174,3 +175,19 @@ def test_a_provider_that_did_not_load_is_refused_not_run_on_the_cpu(tiny_onnx: P
         open_session(tiny_onnx, entry, manifest["settings"], [(CUDA, {"device_id": 0}), CPU])
     assert "\n" not in str(caught.value)
     assert open_session(tiny_onnx, entry, manifest["settings"], [CPU]).get_providers() == [CPU]
+
+
+def test_sessions_take_the_process_thread_budget(tiny_onnx: Path) -> None:
+    """``bench --threads`` gives PyTorch and ONNX Runtime the same budget, and ``infer`` keeps one too."""
+    from gms_deploy.backends.onnxruntime import CPU, graph_entry, open_session, read_manifest
+
+    manifest = read_manifest(tiny_onnx)
+    entry = graph_entry(manifest, tiny_onnx, "gms", "fp32")
+    held = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            session = open_session(tiny_onnx, entry, manifest["settings"], [CPU])
+            assert session.get_session_options().intra_op_num_threads == threads
+    finally:
+        torch.set_num_threads(held)

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import torch
 
 from gms_deploy.backends.base import BackendError, Runner
 from gms_deploy.bundle import Settings
@@ -173,6 +174,8 @@ def open_session(
     path = _check_file(export_dir, entry, settings)
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # One thread budget for every backend in the process, so that a benchmark compares like with like.
+    options.intra_op_num_threads = torch.get_num_threads()
     source: str | bytes = str(path)
     if all_outputs:
         from polygraphy import constants
