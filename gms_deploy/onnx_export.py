@@ -51,6 +51,7 @@ from torch import nn
 
 from gms_deploy.backends.base import EXPORT_MANIFEST
 from gms_deploy.bundle import ModelBundle, Settings
+from gms_deploy.errors import GmsError
 from gms_deploy.model.gms import GMSModel
 from gms_deploy.preprocess import preprocess
 from gms_deploy.versions import installed
@@ -84,7 +85,7 @@ VERSIONED_PACKAGES = (
 )
 
 
-class ExportError(Exception):
+class ExportError(GmsError):
     """An export that cannot be written or that fails validation; ``str()`` is one line."""
 
 

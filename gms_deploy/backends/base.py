@@ -19,12 +19,13 @@ import numpy as np
 import torch
 
 from gms_deploy.bundle import Settings
+from gms_deploy.errors import GmsError
 
 # What marks a `gms-deploy export` folder; here so that choosing a backend needs no onnx import.
 EXPORT_MANIFEST = "manifest.json"
 
 
-class BackendError(Exception):
+class BackendError(GmsError):
     """A backend that cannot run here or cannot load its model; ``str()`` is one line."""
 
 

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
+from gms_deploy.errors import GmsError
 from gms_deploy.messages import shown
 
 
-class InputError(Exception):
+class InputError(GmsError):
     """A file that cannot be turned into frames. ``str()`` is one line naming the file and why."""
 
     def __init__(self, path: Path | str, problem: str) -> None:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from gms_deploy.errors import UsageError
 from gms_deploy.messages import preview, shown
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
-class SplitError(ValueError):
+class SplitError(UsageError):
     """A split file that is unreadable or names images that are not there."""
 
 

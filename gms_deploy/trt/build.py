@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gms_deploy.errors import GmsError
 from gms_deploy.io.outputs import write_atomic
 from gms_deploy.trt.flavour import Flavour
 
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 TIMING_CACHE = "timing.cache"
 
 
-class BuildError(Exception):
+class BuildError(GmsError):
     """A graph TensorRT refuses or fails to build; ``str()`` is one line naming the file and node."""
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from gms_deploy.cuda_graphs import Launch, OneGraph
+from gms_deploy.errors import GmsError
 from gms_deploy.io.outputs import write_atomic
 from gms_deploy.messages import one_line
 from gms_deploy.trt.flavour import Flavour
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "INT32": torch.int32, "INT64": torch.int64}
 
 
-class EngineLoadError(Exception):
+class EngineLoadError(GmsError):
     """TensorRT could not load, set up or run the engine; ``str()`` is one line with TensorRT's reason."""
 
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Literal
 
+from gms_deploy.errors import GmsError
+
 log = logging.getLogger(__name__)
 
 FlavourName = Literal["tensorrt", "rtx"]
@@ -37,7 +39,7 @@ def any_gpu() -> bool:
     return os.environ.get(ANY_GPU) == "1"
 
 
-class TrtUnavailable(Exception):
+class TrtUnavailable(GmsError):
     """No usable TensorRT flavour is importable; ``str()`` is one line saying what to install."""
 
 

@@ -1,0 +1,16 @@
+"""The base of every error a user can cause and mend, so that the CLI handles them in one place.
+
+A ``GmsError`` is said in one line and ends the command with exit 2. Anything else that escapes a
+command is a bug in gms-deploy and keeps its traceback, so that it is reported rather than read as
+a problem with the user's files.
+"""
+
+from __future__ import annotations
+
+
+class GmsError(Exception):
+    """A problem with the user's files, options or machine, in one line that names what to fix."""
+
+
+class UsageError(GmsError, ValueError):
+    """Options or settings that cannot work (a ``ValueError`` too, for callers of the library)."""
