@@ -33,20 +33,17 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from gms_deploy.backends import BackendError, Runner, open_runner, resolve_bundle, resolve_device
+from gms_deploy.backends import NAMES, BackendError, ModelSource, Runner, backend_spec, open_runner
 from gms_deploy.backends.base import DeviceRunner
-from gms_deploy.backends.torch_eager import torch_device
-from gms_deploy.bundle import ModelBundle
+from gms_deploy.compare import Criteria, agree
+from gms_deploy.devices import torch_device
+from gms_deploy.errors import UsageError
 from gms_deploy.io.frames import InputError
 from gms_deploy.io.inputs import discover, read_frames
 from gms_deploy.machine_load import MachineLoad
-from gms_deploy.metrics import dice
 from gms_deploy.segment import Segmentation, Segmenter, segmenter_for
 
 SAMPLES = Path(__file__).parent / "data" / "samples" / "images"
-TORCH_BACKENDS = ("torch", "torch-compiled")
-BENCH_BACKENDS = (*TORCH_BACKENDS, "onnxruntime", "tensorrt")
-"""What ``--backend`` takes here: every real backend (``auto`` picks one; a benchmark compares them)."""
 # Dense FP16 tensor-core peaks in TFLOP/s (datasheets), the most specific name first.
 FP16_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200 NVL": 835.0, "H200": 989.0}
 
@@ -76,10 +73,9 @@ class Variant:
 class BenchConfig:
     """What to run; ``None`` picks for the device, since a GPU affords more batches and iterations."""
 
-    model: Path | None = None
-    """Model bundle for the PyTorch backends (default: the embedded demo model)."""
-    export: Path | None = None
-    """``gms-deploy export`` folder for ONNX Runtime and TensorRT (with ``gms-deploy build``'s engines)."""
+    source: ModelSource = field(default_factory=ModelSource.from_flags)
+    """The weights for the PyTorch backends (default: the embedded demo model), and the export folder
+    for ONNX Runtime and TensorRT (with ``gms-deploy build``'s engines), if any."""
     backends: tuple[str, ...] = ()
     """Only these, beside the eager FP32 baseline, which always runs; empty: all that run here."""
     batch_sizes: tuple[int, ...] | None = None
@@ -197,9 +193,15 @@ def run_bench(config: BenchConfig, progress: Progress | None = None) -> BenchRes
     Raises ``BackendError`` before anything is timed where a backend the user asked for cannot run
     here at all or ``--export`` is no export, and ``ValueError`` for unusable settings or frames.
     """
-    unknown = sorted(set(config.backends) - set(BENCH_BACKENDS))
+    unknown = sorted(set(config.backends) - set(NAMES))  # every real backend: auto picks only one
     if unknown:
-        raise BackendError(f"unknown backend {', '.join(unknown)}; choose from {', '.join(BENCH_BACKENDS)}")
+        raise BackendError(f"unknown backend {', '.join(unknown)}; choose from {', '.join(NAMES)}")
+    source = config.source
+    if source.bundle is None:
+        raise BackendError(
+            f"{source.export} is an export; bench times it against eager PyTorch FP32, which needs the "
+            "weights: give them as --model BUNDLE or --vae/--mapper, and the export as --export"
+        )
     device = _resolve_device(config.device)
     gpu = device.type == "cuda"
     warmup = 3 if config.warmup is None else config.warmup
@@ -209,10 +211,9 @@ def run_bench(config: BenchConfig, progress: Progress | None = None) -> BenchRes
     # larger size timed first would have the smaller one timed at the larger's cost.
     batch_sizes = tuple(sorted(set(config.batch_sizes or ((1, 8, 32) if gpu else (1, 4)))))
     if min(batch_sizes) < 1 or iterations < 1 or warmup < 0 or threads < 1:
-        raise ValueError("batch sizes, iterations and threads must be at least 1, warm-up at least 0")
-    bundle = resolve_bundle(config.model, None, None)
-    _check_export(config.export)
-    image_sizes = config.image_sizes or (bundle.settings.image_size,)
+        raise UsageError("batch sizes, iterations and threads must be at least 1, warm-up at least 0")
+    _check_export(source.export)
+    image_sizes = config.image_sizes or (source.bundle.settings.image_size,)
     frames = _load_frames(config.frames or SAMPLES, max(batch_sizes))
     peak_tflops = _fp16_peak_tflops(device) if gpu else None
     timing = _Timing(warmup, iterations, config.submodels, peak_tflops)
@@ -221,9 +222,9 @@ def run_bench(config: BenchConfig, progress: Progress | None = None) -> BenchRes
     held = torch.get_num_threads()
     torch.set_num_threads(threads)  # ONNX Runtime sessions take the same budget (``open_session``)
     try:
-        opened, records = _available(config, bundle, device, image_sizes[0])
+        opened, records = _available(config, device, image_sizes[0])
         for size in image_sizes:
-            here = _at_size(opened, size, bundle, config.export, records)
+            here = _at_size(opened, size, source, records)
             gflop = _gflop_per_image(here[0].runner, size)
             for batch_size in batch_sizes:
                 if progress:
@@ -240,7 +241,7 @@ def run_bench(config: BenchConfig, progress: Progress | None = None) -> BenchRes
 
 
 def _at_size(
-    opened: list[_Opened], size: int, bundle: ModelBundle, export: Path | None, records: list[BenchRecord]
+    opened: list[_Opened], size: int, source: ModelSource, records: list[BenchRecord]
 ) -> list[_Opened]:
     """The variants that run at ``size``: PyTorch ones built anew for it (replacing the held one in
     ``opened``), exports only at the size they were exported for (a skipped record otherwise)."""
@@ -251,14 +252,14 @@ def _at_size(
             records.append(item.variant.record(image_size=size, status="skipped", reason=why))
         else:
             if item.fixed_size is None and item.runner.settings.image_size != size:
-                opened[i] = item = _open_held(item.variant, bundle, export, size)
+                opened[i] = item = _open_held(item.variant, source, size)
             here.append(item)
     return here
 
 
 def _resolve_device(device: str) -> torch.device:
     """``auto`` as everywhere; a bare ``cuda`` becomes the current GPU's index, as records name it."""
-    chosen = torch_device(resolve_device(device))
+    chosen = torch_device(device)
     if chosen.type == "cuda":
         chosen = torch.device("cuda", torch.cuda.current_device() if chosen.index is None else chosen.index)
         torch.cuda.set_device(chosen)  # CUDA events record on the current device's stream
@@ -286,9 +287,9 @@ def _load_frames(folder: Path, count: int) -> list[np.ndarray]:
             if len(frames) == count:
                 break
     except InputError as err:
-        raise ValueError(str(err)) from None
+        raise UsageError(str(err)) from None
     if not frames:
-        raise ValueError(str(errors[0]) if errors else f"{folder}: no frames to benchmark")
+        raise UsageError(str(errors[0]) if errors else f"{folder}: no frames to benchmark")
     return frames
 
 
@@ -299,27 +300,35 @@ def _candidates(config: BenchConfig, device: torch.device) -> list[tuple[Variant
     """
     gpu = device.type == "cuda"
     here, cuda = str(device), str(device) if gpu else "cuda"
-    gpu_only = None if gpu else "needs a CUDA GPU (--device cuda)"
-    no_export = None if config.export else "needs --export DIR (a `gms-deploy export` folder)"
 
     def opt_in(backend: str, why: str) -> str | None:
         return None if backend in config.backends else f"{why}; ask for it with --backend {backend}"
 
     compile_note = None if gpu else opt_in("torch-compiled", "compiling on a CPU takes ~1 min per batch size")
     ort_cpu_note = opt_in("onnxruntime", "its CPU provider is slow beside a GPU") if gpu else None
-    return [
+    variants = [
         (_baseline(device), None),
-        (Variant("torch", "fp32", cuda, FUSED), gpu_only),  # what fusing alone saves
-        (Variant("torch", "fp16", cuda, FUSED), gpu_only),
+        (Variant("torch", "fp32", cuda, FUSED), None),  # what fusing alone saves
+        (Variant("torch", "fp16", cuda, FUSED), None),
         (Variant("torch-compiled", "fp16" if gpu else "fp32", here, FUSED if gpu else "host"), compile_note),
-        (Variant("onnxruntime", "fp32", "cpu"), no_export or ort_cpu_note),
-        (Variant("onnxruntime", "fp16", cuda), gpu_only or no_export),
-        (Variant("tensorrt", "fp16", cuda, FUSED), gpu_only or no_export),
+        (Variant("onnxruntime", "fp32", "cpu"), ort_cpu_note),
+        (Variant("onnxruntime", "fp16", cuda), None),
+        (Variant("tensorrt", "fp16", cuda, FUSED), None),
     ]
+    return [(variant, _cannot(variant, gpu, config.source) or note) for variant, note in variants]
+
+
+def _cannot(variant: Variant, gpu: bool, source: ModelSource) -> str | None:
+    """Why the backend table rules a variant out here, or None."""
+    if variant.device.startswith("cuda") and not gpu:
+        return "needs a CUDA GPU (--device cuda)"
+    if backend_spec(variant.backend).runs == "export" and source.export is None:
+        return "needs --export DIR (a `gms-deploy export` folder)"
+    return None
 
 
 def _available(
-    config: BenchConfig, bundle: ModelBundle, device: torch.device, size: int
+    config: BenchConfig, device: torch.device, size: int
 ) -> tuple[list[_Opened], list[BenchRecord]]:
     """Every variant that opens here, eager FP32 first, and a skipped record for each that does not.
 
@@ -335,7 +344,7 @@ def _available(
             continue
         if reason is None:
             try:
-                opened.append(_open_held(variant, bundle, config.export, size))
+                opened.append(_open_held(variant, config.source, size))
                 continue
             except (BackendError, ImportError) as err:  # ImportError: the export extra is not installed
                 if variant == baseline:
@@ -356,22 +365,15 @@ def _baseline(device: torch.device) -> Variant:
     return Variant("torch", "fp32", str(device))
 
 
-def _open(variant: Variant, bundle: ModelBundle, export: Path | None, size: int) -> Runner:
-    """PyTorch variants are built from the bundle at any image size; the others run the export as is."""
-    if variant.backend in TORCH_BACKENDS:
-        from gms_deploy.backends.torch_compiled import TorchCompiledRunner
-        from gms_deploy.backends.torch_eager import TorchRunner
-
-        kind = TorchCompiledRunner if variant.backend == "torch-compiled" else TorchRunner
-        return kind(bundle.with_settings(image_size=size), variant.device, variant.precision)
-    return open_runner(variant.backend, export, device=variant.device, precision=variant.precision)
-
-
-def _open_held(variant: Variant, bundle: ModelBundle, export: Path | None, size: int) -> _Opened:
+def _open_held(variant: Variant, source: ModelSource, size: int) -> _Opened:
+    """Opened as every command opens a runner; weights are built at ``size``, an export runs as it is."""
     gpu = torch.device(variant.device).type == "cuda"
     before = torch.cuda.memory_allocated(variant.device) if gpu else 0
-    runner = _open(variant, bundle, export, size)
-    if variant.backend in TORCH_BACKENDS:
+    weights = backend_spec(variant.backend).runs == "weights"
+    if weights and source.bundle is not None:
+        source = ModelSource(source.bundle.with_settings(image_size=size))
+    runner = open_runner(variant.backend, source, variant.device, variant.precision)
+    if weights:
         weights = (torch.cuda.memory_allocated(variant.device) - before) / 2**20 if gpu else None
         return _Opened(variant, runner, None, weights)
     return _Opened(variant, runner, runner.settings.image_size, None)
@@ -550,15 +552,20 @@ def _record(
 
     The speed-up is the median of one ratio per round, each of two timings taken side by side.
     """
-    pairs = list(zip(measured.outputs, reference.outputs, strict=True))
-    scores = [dice(mine.mask, theirs.mask, empty=1.0) for mine, theirs in pairs]
+    mine, theirs = measured.outputs, reference.outputs
+    agreement = agree(
+        [m.prob for m in mine],
+        [t.prob for t in theirs],
+        Criteria(),
+        ([m.mask for m in mine], [t.mask for t in theirs]),
+    )
     p50, p90, p99 = (float(p) for p in np.percentile(measured.latencies_ms, [50, 90, 99]))
     ratios = np.array(reference.latencies_ms) / np.array(measured.latencies_ms)
-    throughput = len(pairs) / (p50 / 1e3)
+    throughput = len(mine) / (p50 / 1e3)
     achieved = gflop * throughput / 1e3
     return item.variant.record(
         image_size=size,
-        batch_size=len(pairs),
+        batch_size=len(mine),
         description=item.runner.description,
         iterations=len(measured.latencies_ms),
         latency_ms_p50=p50,
@@ -570,9 +577,9 @@ def _record(
         speedup_max=float(ratios.max()),
         peak_gpu_mem_mib=measured.peak_gpu_mem_mib,
         stages_ms=measured.stages_ms,
-        dice_mean=float(np.mean(scores)),
-        dice_min=float(np.min(scores)),
-        prob_max_abs=max(float(np.abs(mine.prob - theirs.prob).max()) for mine, theirs in pairs),
+        dice_mean=agreement.dice_mean,
+        dice_min=agreement.dice_min,
+        prob_max_abs=agreement.max_abs,
         gflop_per_image=gflop,
         achieved_tflop_s=achieved,
         roofline_pct=None if peak_tflops is None else 100.0 * achieved / peak_tflops,

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from gms_deploy.bench import BenchRecord
+from gms_deploy.errors import GmsError
 from gms_deploy.io.outputs import write_atomic
 
 
@@ -79,7 +80,7 @@ def plot(path: Path, records: Sequence[BenchRecord]) -> None:
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        raise ModuleNotFoundError("--plot needs matplotlib: pip install 'gms-deploy[bench]'") from None
+        raise GmsError("--plot needs matplotlib: pip install 'gms-deploy[bench]'") from None
     lines: dict[str, list[BenchRecord]] = {}
     for r in records:
         if r.status == "ok":

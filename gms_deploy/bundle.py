@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from gms_deploy.config_types import check_types
+from gms_deploy.errors import UsageError
 from gms_deploy.model.checkpoints import CheckpointError
 from gms_deploy.model.gms import SCALE_FACTOR, GMSModel, check_image_size
 from gms_deploy.model.mapper import load_mapper
@@ -38,7 +39,7 @@ class Settings:
         check_image_size(self.image_size)
         check_types(Settings, asdict(self), "setting")
         if not 0.0 < self.threshold < 1.0:
-            raise ValueError(f"threshold must lie strictly between 0 and 1, got {self.threshold}")
+            raise UsageError(f"threshold must lie strictly between 0 and 1, got {self.threshold}")
 
 
 @dataclass(frozen=True)

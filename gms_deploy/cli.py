@@ -5,32 +5,69 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
 from tqdm import tqdm
+from typer.core import TyperGroup
 
-from gms_deploy.backends import BACKENDS, BackendError, open_auto, open_runner, resolve_bundle
-from gms_deploy.bundle import ModelBundle
+from gms_deploy.backends import CHOICES, NAMES, ModelSource, open_auto, open_runner
+from gms_deploy.errors import GmsError, UsageError
 from gms_deploy.infer import READERS, InferOptions, Roi, run_inference
-from gms_deploy.io.frames import InputError
 from gms_deploy.messages import first_line, os_reason, shown
-from gms_deploy.model.checkpoints import CheckpointError
+
+BUG = (
+    "gms-deploy hit a bug, not a problem with your files: please report it with the traceback above "
+    "and the output of `gms-deploy --version`"
+)
+
+
+class _Commands(TyperGroup):
+    """Every command's errors, handled in this one place.
+
+    A ``GmsError`` (or an ``OSError``: a disk, a permission, a path) is the user's to mend: one
+    line, exit 2. Anything else is a bug, and keeps its traceback, with a line asking for a report.
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except GmsError as err:
+            if err.details:
+                typer.echo(err.details, err=True)
+            raise _fail(str(err)) from None
+        except OSError as err:
+            raise _fail(os_reason(err)) from None
+        except Exception:
+            typer.secho(BUG, err=True, fg=typer.colors.RED)
+            raise
+
 
 app = typer.Typer(
+    cls=_Commands,
     add_completion=False,
     no_args_is_help=True,
     help="Segment images and ultrasound DICOM with a GMS model; export it to ONNX and TensorRT; benchmark.",
 )
 
+# The model flags, the same on every command that takes a model (``ModelSource.from_flags``).
 ModelOpt = Annotated[
     Path | None, typer.Option("--model", help="Model bundle or export folder (default: the demo model).")
 ]
 VaeOpt = Annotated[
-    Path | None, typer.Option("--vae", help="VAE: LDM .ckpt/.safetensors or diffusers folder.")
+    Path | None,
+    typer.Option("--vae", help="VAE: LDM .ckpt/.safetensors or diffusers folder (with --mapper)."),
 ]
-MapperOpt = Annotated[Path | None, typer.Option("--mapper", help="GMS mapper checkpoint (best_model.pth).")]
+MapperOpt = Annotated[
+    Path | None, typer.Option("--mapper", help="GMS mapper checkpoint, best_model.pth (with --vae).")
+]
 
 
 def _print_versions(wanted: bool) -> None:
@@ -85,18 +122,20 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(2)
 
 
-def _cannot_write(path: Path, err: OSError) -> typer.Exit:
-    """``out/x: cannot be written (out: a file, not a folder)``, the path once where the error names it.
-
-    An OSError with no errno is one of this package's own messages, shown as it is.
-    """
-    if not err.strerror:
-        return _fail(first_line(err))
-    in_the_way = isinstance(err, FileExistsError) and err.filename and not Path(err.filename).is_dir()
-    why = "a file, not a folder" if in_the_way else err.strerror
-    if err.filename is not None and Path(err.filename) == path:
-        return _fail(f"{shown(path)}: cannot be written: {why}")
-    return _fail(f"{shown(path)}: cannot be written ({shown(err.filename)}: {why})")
+@contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """An OSError while writing ``path`` said as ``out/x: cannot be written (out: a file, not a folder)``,
+    the path once where the error names it; one with no errno is this package's own message."""
+    try:
+        yield
+    except OSError as err:
+        if not err.strerror:
+            raise _fail(first_line(err)) from None
+        in_the_way = isinstance(err, FileExistsError) and err.filename and not Path(err.filename).is_dir()
+        why = "a file, not a folder" if in_the_way else err.strerror
+        if err.filename is not None and Path(err.filename) == path:
+            raise _fail(f"{shown(path)}: cannot be written: {why}") from None
+        raise _fail(f"{shown(path)}: cannot be written ({shown(err.filename)}: {why})") from None
 
 
 def _writable_file(path: Path | None) -> None:
@@ -125,7 +164,7 @@ def infer(
     vae: VaeOpt = None,
     mapper: MapperOpt = None,
     backend: Annotated[
-        str, typer.Option(help=f"One of: {', '.join(BACKENDS)} (auto: the fastest that runs here).")
+        str, typer.Option(help=f"One of: {', '.join(CHOICES)} (auto: the fastest that runs here).")
     ] = "auto",
     device: Annotated[str, typer.Option(help="auto (a GPU if there is one), cpu or cuda[:N].")] = "auto",
     precision: Annotated[
@@ -143,14 +182,12 @@ def infer(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")] = False,
 ) -> None:
     """Segment every image and DICOM frame under INPUTS into masks under --out."""
-    try:
-        if backend == "auto":
-            runner, why = open_auto(model, vae, mapper, device, precision)
-            typer.echo(why, err=True)
-        else:
-            runner = open_runner(backend, model, vae, mapper, device, precision)
-    except (BackendError, CheckpointError) as err:
-        raise _fail(str(err)) from None
+    source = ModelSource.from_flags(model, vae, mapper)
+    if backend == "auto":
+        runner, why = open_auto(source, device, precision)
+        typer.echo(why, err=True)
+    else:
+        runner = open_runner(backend, source, device, precision)
     typer.echo(f"model: {runner.description}", err=True)
     options = InferOptions(out, batch_size, threshold, save_prob, overlay, roi, overwrite, readers)
     with tqdm(desc="segmenting", unit="file", leave=False, disable=None) as bar:
@@ -159,10 +196,7 @@ def infer(
             bar.total = total
             bar.update(done - bar.n)
 
-        try:
-            report = run_inference(inputs, runner, options, progress)
-        except ValueError as err:  # an unusable --out or options, or a foreign results.csv there
-            raise _fail(str(err)) from None
+        report = run_inference(inputs, runner, options, progress)
     summary = f"{report.frames} frame(s) from {report.files} file(s) -> {out}"
     if report.skipped:
         summary += f"; {report.skipped} skipped (outputs exist; --overwrite replaces them)"
@@ -174,22 +208,24 @@ def infer(
 
 @app.command()
 def bundle(
-    vae: Annotated[Path, typer.Option("--vae", help="VAE checkpoint or diffusers folder.")],
-    mapper: Annotated[Path, typer.Option("--mapper", help="GMS mapper checkpoint.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="New bundle folder.")],
-    image_size: Annotated[int, typer.Option("--image-size")] = 224,
-    threshold: Annotated[float, typer.Option()] = 0.5,
-    name: Annotated[str, typer.Option()] = "custom",
+    model: ModelOpt = None,
+    vae: VaeOpt = None,
+    mapper: MapperOpt = None,
+    image_size: Annotated[
+        int | None, typer.Option("--image-size", help="Default: the model's (224).")
+    ] = None,
+    threshold: Annotated[float | None, typer.Option(help="Default: the model's (0.5).")] = None,
+    name: Annotated[str | None, typer.Option(help="Default: the bundle's own, or custom.")] = None,
 ) -> None:
-    """Copy a VAE and a mapper into one model bundle folder, checking that both load."""
-    try:
-        made = ModelBundle(vae, mapper, name=name).with_settings(image_size=image_size, threshold=threshold)
-        made.build()
+    """Copy a VAE and a mapper (or a bundle, with new settings) into one bundle folder, checking both load."""
+    chosen = ModelSource.from_flags(model, vae, mapper).weights("bundle")
+    changes = {"image_size": image_size, "threshold": threshold}
+    made = chosen.with_settings(**{key: value for key, value in changes.items() if value is not None})
+    made = replace(made, name=name or made.name)
+    made.build()
+    with _writing(out):
         saved = made.save(out)
-    except (CheckpointError, ValueError) as err:
-        raise _fail(str(err)) from None
-    except OSError as err:
-        raise _cannot_write(out, err) from None
     typer.echo(f"bundle written: {saved.vae.parent}", err=True)
 
 
@@ -218,22 +254,19 @@ def export(
     ] = False,
 ) -> None:
     """Export the model to ONNX (FP32 and strongly typed FP16), validated against PyTorch."""
-    from gms_deploy.onnx_export import ExportError, export_model
+    from gms_deploy.onnx_export import export_model
     from gms_deploy.validate import ValidationError
 
+    chosen = ModelSource.from_flags(model, vae, mapper).weights("export")
+    if image_size is not None:
+        chosen = chosen.with_settings(image_size=image_size)
     try:
-        chosen = resolve_bundle(model, vae, mapper)
-        if image_size is not None:
-            chosen = chosen.with_settings(image_size=image_size)
-        result = export_model(chosen, out, tuple(precision), calibration, data_max, validate, overwrite)
+        with _writing(out):
+            result = export_model(chosen, out, tuple(precision), calibration, data_max, validate, overwrite)
     except ValidationError as err:
         if err.report is not None:
             typer.echo(err.report.table(), err=True)
         raise _fail(str(err)) from None
-    except (BackendError, CheckpointError, ExportError, InputError, ValueError) as err:
-        raise _fail(str(err)) from None
-    except OSError as err:
-        raise _cannot_write(out, err) from None
     if result.validation is not None:
         typer.echo(result.validation.table(), err=True)
     timings = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in result.seconds.items())
@@ -269,12 +302,8 @@ def build(
 def _build_engines(export_dir: Path, *args: Any) -> None:
     """``build`` and ``export --engines``: build (or skip) every engine and print a line for each."""
     from gms_deploy.engines import build_engines
-    from gms_deploy.trt import BuildError, TrtUnavailable
 
-    try:
-        records = build_engines(export_dir, *args)
-    except (BackendError, BuildError, TrtUnavailable, ValueError) as err:
-        raise _fail(str(err)) from None
+    records = build_engines(export_dir, *args)
     for record in records:
         typer.echo(
             f"{record.path.name}: {record.status} ({record.reason}), {record.size / 2**20:.1f} MiB, "
@@ -301,37 +330,29 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out.")] = False,
 ) -> None:
     """Train a GMS mapper on a frozen VAE with the paper's objective (defaults as the paper)."""
-    from gms_deploy.train.data import SplitError
     from gms_deploy.train.trainer import TrainConfig, train_mapper
 
-    try:
-        if vae is not None and model is not None:
-            raise BackendError("give either --model (its VAE is used) or --vae, not both")
-        default_size = None  # the paper's 224, or the config file's
-        if vae is None:  # a bundle's VAE comes with the image size it was made for
-            base = resolve_bundle(model, None, None)
-            vae, default_size = base.vae, base.settings.image_size
-        overrides = {
-            "epochs": epochs,
-            "batch_size": batch_size,
-            "lr": lr,
-            "augment": augment,
-            "seed": seed,
-            "cache_latents": cache_latents,
-            "device": device,
-            "split_file": split and str(split),
-            "image_size": image_size or (None if config else default_size),
-        }
-        settings = (
-            TrainConfig.from_file(config, **overrides)
-            if config
-            else TrainConfig().with_overrides(**overrides)
-        )
-        result = train_mapper(settings, data, out, vae, resume=resume)
-    except (BackendError, CheckpointError, SplitError, ValueError) as err:
-        raise _fail(str(err)) from None
-    except OSError as err:
-        raise _fail(os_reason(err)) from None
+    if vae is not None and model is not None:
+        raise UsageError("give either --model (its VAE is used) or --vae, not both")
+    default_size = None  # the paper's 224, or the config file's
+    if vae is None:  # a bundle's VAE comes with the image size it was made for
+        base = ModelSource.from_flags(model).weights("train")
+        vae, default_size = base.vae, base.settings.image_size
+    overrides = {
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "augment": augment,
+        "seed": seed,
+        "cache_latents": cache_latents,
+        "device": device,
+        "split_file": split and str(split),
+        "image_size": image_size or (None if config else default_size),
+    }
+    settings = (
+        TrainConfig.from_file(config, **overrides) if config else TrainConfig().with_overrides(**overrides)
+    )
+    result = train_mapper(settings, data, out, vae, resume=resume)
     typer.echo(
         f"best validation Dice {result.best_dice:.4f} at epoch {result.best_epoch}: {result.best_path}",
         err=True,
@@ -344,7 +365,7 @@ def evaluate(
     model: ModelOpt = None,
     vae: VaeOpt = None,
     mapper: MapperOpt = None,
-    backend: Annotated[str, typer.Option(help=f"One of: {', '.join(BACKENDS)}.")] = "torch",
+    backend: Annotated[str, typer.Option(help=f"One of: {', '.join(CHOICES)}.")] = "torch",
     device: Annotated[str, typer.Option(help="cpu or cuda[:N].")] = "cpu",
     split: Annotated[Path | None, typer.Option("--split", help="Score only its test names.")] = None,
     threshold: Annotated[float | None, typer.Option(min=0.0, max=1.0)] = None,
@@ -355,20 +376,15 @@ def evaluate(
     """Dice, IoU and HD95 per image, at 224 (the paper's protocol) and at each image's own size."""
     from gms_deploy.evaluate import evaluate as score
     from gms_deploy.evaluate import summarise, write_scores
-    from gms_deploy.train.data import SplitError, read_split
+    from gms_deploy.train.data import read_split
 
     target = out or data / "scores.csv"
     _writable_file(target)
-    try:
-        runner = open_runner(backend, model, vae, mapper, device)
-        names = read_split(split).test if split else None
-        result = score(data, runner, names, threshold)
-        if result.scores:  # a table of NaN averages would read as a result
-            write_scores(target, result.scores)
-    except (BackendError, CheckpointError, SplitError, ValueError) as err:
-        raise _fail(str(err)) from None
-    except OSError as err:
-        raise _fail(os_reason(err)) from None
+    runner = open_runner(backend, ModelSource.from_flags(model, vae, mapper), device)
+    names = read_split(split).test if split else None
+    result = score(data, runner, names, threshold)
+    if result.scores:  # a table of NaN averages would read as a result
+        write_scores(target, result.scores)
     for failure in result.failures:
         typer.secho(f"ERROR: {failure}", err=True, fg=typer.colors.RED)
     typer.echo(f"{len(result.scores)} image(s), {runner.description}", err=True)
@@ -384,14 +400,14 @@ def evaluate(
 @app.command()
 def bench(
     model: ModelOpt = None,
+    vae: VaeOpt = None,
+    mapper: MapperOpt = None,
     export: Annotated[
         Path | None, typer.Option("--export", help="A `gms-deploy export` folder (ONNX Runtime, TensorRT).")
     ] = None,
     backend: Annotated[
         list[str] | None,
-        typer.Option(
-            help="Only these (repeat), beside eager FP32: torch, torch-compiled, onnxruntime, tensorrt."
-        ),
+        typer.Option(help=f"Only these (repeat), beside eager FP32: {', '.join(NAMES)}."),
     ] = None,
     batch_size: Annotated[
         list[int] | None, typer.Option("--batch-size", min=1, help="Repeat; default 1 4 (CPU), 1 8 32 (GPU).")
@@ -430,8 +446,7 @@ def bench(
     _writable_file(json_out)
     _writable_file(plot_out)
     config = BenchConfig(
-        model=model,
-        export=export,
+        source=ModelSource.from_flags(model, vae, mapper, export),
         backends=tuple(backend or ()),
         batch_sizes=tuple(batch_size) if batch_size else None,
         image_sizes=tuple(image_size) if image_size else None,
@@ -449,23 +464,15 @@ def bench(
             bar.set_postfix_str(running)
             bar.update(done - bar.n)
 
-        try:
-            result = run_bench(config, progress)
-        except (BackendError, CheckpointError, ValueError) as err:
-            raise _fail(str(err)) from None
+        result = run_bench(config, progress)
     typer.echo(format_table(result.records))
     warning = result.load.warning()
     if warning:
         typer.echo(f"warning: {warning}", err=True)
-    try:
-        if json_out is not None:
-            write_json(json_out, result.records, environment() | result.environment())
-        if plot_out is not None:
-            plot(plot_out, result.records)
-    except ModuleNotFoundError as err:
-        raise _fail(str(err)) from None
-    except OSError as err:
-        raise _fail(os_reason(err)) from None
+    if json_out is not None:
+        write_json(json_out, result.records, environment() | result.environment())
+    if plot_out is not None:
+        plot(plot_out, result.records)
 
 
 def main() -> None:

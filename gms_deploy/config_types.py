@@ -11,13 +11,15 @@ from collections.abc import Mapping
 from types import UnionType
 from typing import Any, get_args, get_origin, get_type_hints
 
+from gms_deploy.errors import UsageError
+
 
 def check_types(cls: type, values: Mapping[str, Any], what: str) -> None:
     """Raise ``ValueError`` ("{what} {field}: expected {type}, got {value}") for the first misfit."""
     hints = get_type_hints(cls)
     for name, value in values.items():
         if not _conforms(value, hints[name]):
-            raise ValueError(f"{what} {name}: expected {_type_name(hints[name])}, got {value!r}")
+            raise UsageError(f"{what} {name}: expected {_type_name(hints[name])}, got {value!r}")
 
 
 def _conforms(value: Any, hint: Any) -> bool:

@@ -11,6 +11,9 @@ from __future__ import annotations
 class GmsError(Exception):
     """A problem with the user's files, options or machine, in one line that names what to fix."""
 
+    details: str | None = None
+    """Lines shown before that one (a validation table), or None."""
+
 
 class UsageError(GmsError, ValueError):
     """Options or settings that cannot work (a ``ValueError`` too, for callers of the library)."""

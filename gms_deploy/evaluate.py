@@ -19,10 +19,11 @@ import numpy as np
 from PIL import Image
 
 from gms_deploy.backends.base import Runner
+from gms_deploy.errors import UsageError
 from gms_deploy.io.frames import InputError
-from gms_deploy.io.images import describe, read_image
+from gms_deploy.io.images import read_image
 from gms_deploy.io.outputs import write_atomic
-from gms_deploy.messages import shown
+from gms_deploy.messages import reason, shown
 from gms_deploy.metrics import dice, hd95, iou
 from gms_deploy.postprocess import to_mask, upsample
 from gms_deploy.preprocess import preprocess
@@ -75,7 +76,7 @@ def _read_pair(data_dir: Path, name: str) -> _Pair:
         with Image.open(mask_file) as mask:
             grey = mask.convert("L")
     except Exception as err:  # PIL raises many types for a broken file; it is this pair's failure
-        raise InputError(mask_file, f"cannot read the mask: {describe(err)}") from None
+        raise InputError(mask_file, f"cannot read the mask: {reason(err)}") from None
     if grey.size != (image.shape[1], image.shape[0]):  # the official code resizes both to 224 apart
         log.warning(
             "%s: mask is %d x %d, its image %d x %d: resized to the image (NEAREST) for the own-size scores",
@@ -101,7 +102,7 @@ def evaluate(
     data_dir = Path(data_dir)
     names = list_names(data_dir) if names is None else list(names)
     if not names:
-        raise ValueError(
+        raise UsageError(
             f"{shown(data_dir)}: no image with a mask of the same name (images/NAME.*, masks/NAME.*)"
         )
     threshold = runner.settings.threshold if threshold is None else threshold

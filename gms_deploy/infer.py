@@ -24,6 +24,7 @@ from typing import Any, Literal
 import numpy as np
 
 from gms_deploy.backends.base import Runner
+from gms_deploy.errors import UsageError
 from gms_deploy.io.frames import Frame, InputError
 from gms_deploy.io.inputs import Source, discover, read_frames
 from gms_deploy.io.outputs import OutputPaths, ResultRow, ResultsTable, overlay, write_npy, write_png
@@ -180,20 +181,20 @@ def run_inference(
     ``segmenter`` defaults to the fused pipeline for a torch runner on a GPU, the host one otherwise.
     """
     if options.batch_size < 1 or options.readers < 1:
-        raise ValueError(
+        raise UsageError(
             f"batch size and readers must be at least 1: {options.batch_size}, {options.readers}"
         )
     try:
         out_dir = options.out_dir.resolve()
     except (OSError, RuntimeError) as err:  # RuntimeError: a symlink loop
-        raise ValueError(f"{shown(options.out_dir)}: cannot be the output folder: {reason(err)}") from None
+        raise UsageError(f"{shown(options.out_dir)}: cannot be the output folder: {reason(err)}") from None
     if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"{options.out_dir}: exists and is not a folder")
+        raise UsageError(f"{options.out_dir}: exists and is not a folder")
     table = ResultsTable(out_dir / RESULTS)
     try:  # before any frame is read: a folder that cannot be written fails the run at once, in one line
         table.flush()
     except OSError as err:
-        raise ValueError(f"{shown(options.out_dir)}: cannot be the output folder: {reason(err)}") from None
+        raise UsageError(f"{shown(options.out_dir)}: cannot be the output folder: {reason(err)}") from None
     segmenter = segmenter or segmenter_for(runner)
     threshold = runner.settings.threshold if options.threshold is None else options.threshold
     report = InferReport()

@@ -4,9 +4,8 @@ Load that comes and goes does not slow backends alike (PyTorch's busy-waiting Op
 most to a competing process), so a speed-up measured beside another job can be off several-fold.
 Interleaved rounds cancel slow drifts, not that; the benchmark can only say that it happened.
 The figure is the machine's busy CPU time less this process's own, from ``/proc``. It counts as
-competition only beyond the cores the thread budget leaves free: measured on the project's 2-core
-machine beside a process spinning on one core, eager PyTorch against ONNX Runtime gave x1.40 quiet
-and x2.02 loaded with two threads each, but x1.19 and x1.20 with one (``bench --threads 1``).
+competition only beyond the cores the thread budget leaves free: a process spinning on one core of
+two leaves a one-thread benchmark's ratios alone (the README has the figures).
 """
 
 from __future__ import annotations

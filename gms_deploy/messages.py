@@ -29,10 +29,14 @@ def one_line(err: BaseException) -> str:
 
 
 def reason(err: BaseException) -> str:
-    """What went wrong, for a message that already names the file: the system's words where it gave some."""
+    """What went wrong, for a message that already names the file: the system's words where it gave
+    some, else the exception's first line (with its type where that alone says nothing: a KeyError's
+    key, or no message at all, as ``struct.error()`` raises)."""
     if isinstance(err, OSError) and err.strerror:
         return err.strerror
-    return one_line(err)
+    if not str(err).strip():
+        return type(err).__name__
+    return f"{type(err).__name__} {first_line(err)}" if isinstance(err, KeyError) else first_line(err)
 
 
 def os_reason(err: OSError) -> str:

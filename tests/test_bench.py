@@ -13,7 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from gms_deploy.backends import BackendError
+from gms_deploy.backends import BackendError, ModelSource
 from gms_deploy.bench import BenchConfig, BenchRecord, BenchResult, run_bench
 from gms_deploy.bench_report import format_table, plot, write_json
 from gms_deploy.bundle import ModelBundle
@@ -23,6 +23,10 @@ from gms_deploy.versions import environment
 REQUIRED = ("backend", "precision", "batch_size", "latency_ms_p50", "throughput_img_s", "speedup_vs_eager")
 FAST = {"device": "cpu", "warmup": 1, "iterations": 3, "threads": 1}
 cli = CliRunner()
+
+
+def _weights(bundle: ModelBundle) -> ModelSource:
+    return ModelSource.from_flags(bundle.vae.parent)
 
 
 def _ran(records: list[BenchRecord]) -> list[BenchRecord]:
@@ -35,14 +39,13 @@ def _skipped(records: list[BenchRecord]) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def torch_records(tiny_bundle: ModelBundle, one_thread: None) -> list[BenchRecord]:
-    return run_bench(BenchConfig(model=tiny_bundle.vae.parent, batch_sizes=(2, 1, 2), **FAST)).records  # 1, 2
+    return run_bench(BenchConfig(source=_weights(tiny_bundle), batch_sizes=(2, 1, 2), **FAST)).records  # 1, 2
 
 
 @pytest.fixture(scope="module")
 def ort_result(tiny_bundle: ModelBundle, tiny_onnx: Path, one_thread: None) -> BenchResult:
     config = BenchConfig(
-        model=tiny_bundle.vae.parent,
-        export=tiny_onnx,
+        source=ModelSource.from_flags(tiny_bundle.vae.parent, export=tiny_onnx),
         backends=("onnxruntime",),
         batch_sizes=(1, 3),
         image_sizes=(32, 48),
@@ -168,7 +171,7 @@ def test_cli_refuses_what_cannot_run(
 
 def test_explicit_unavailable_backend_raises_before_timing(tiny_bundle: ModelBundle) -> None:
     with pytest.raises(BackendError, match="needs a CUDA GPU"):
-        run_bench(BenchConfig(model=tiny_bundle.vae.parent, backends=("tensorrt",), device="cpu"))
+        run_bench(BenchConfig(source=_weights(tiny_bundle), backends=("tensorrt",), device="cpu"))
 
 
 @pytest.mark.gpu
@@ -179,7 +182,7 @@ def test_gpu_records_memory_roofline_and_fused_agreement(tiny_bundle: ModelBundl
     compile once more per batch size, minutes of the GPU check's budget.
     """
     config = BenchConfig(
-        model=tiny_bundle.vae.parent,
+        source=_weights(tiny_bundle),
         batch_sizes=(1, 4),
         device="cuda",
         warmup=2,

@@ -15,7 +15,7 @@ from pydicom.data import get_testdata_file
 from test_export import exported
 from typer.testing import CliRunner
 
-from gms_deploy.backends import BackendError, open_runner
+from gms_deploy.backends import BackendError, ModelSource, open_runner
 from gms_deploy.backends.onnxruntime import OnnxRuntimeRunner
 from gms_deploy.bundle import ModelBundle
 from gms_deploy.cli import app
@@ -75,7 +75,7 @@ def test_runner_reads_settings_from_the_manifest(tiny_onnx: Path) -> None:
 
 def test_checkpoints_are_refused(tiny_onnx: Path, tiny_bundle: ModelBundle) -> None:
     with pytest.raises(BackendError, match="--model EXPORT_DIR"):
-        open_runner("onnxruntime", None, tiny_bundle.vae, tiny_bundle.mapper)
+        open_runner("onnxruntime", ModelSource.from_flags(vae=tiny_bundle.vae, mapper=tiny_bundle.mapper))
     with pytest.raises(BackendError, match="no CUDA provider"):
         open_runner("onnxruntime", tiny_onnx, device="cuda")
 

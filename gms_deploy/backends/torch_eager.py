@@ -8,21 +8,9 @@ import torch
 
 from gms_deploy.backends.base import BackendError, DeviceRunner
 from gms_deploy.bundle import ModelBundle
+from gms_deploy.devices import torch_device
 
 Stage = Callable[[torch.Tensor], torch.Tensor]
-
-
-def torch_device(device: str) -> torch.device:
-    """``cpu`` or ``cuda[:N]``, refused in one line where PyTorch cannot use it."""
-    try:
-        chosen = torch.device(device)
-    except RuntimeError:
-        raise BackendError(f"--device {device}: expected cpu or cuda[:N]") from None
-    if chosen.type not in ("cpu", "cuda"):
-        raise BackendError(f"--device {device}: expected cpu or cuda[:N]")
-    if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise BackendError(f"--device {device}: PyTorch sees no CUDA GPU here")
-    return chosen
 
 
 class TorchRunner(DeviceRunner):

@@ -39,8 +39,8 @@ from pydicom.uid import (
 )
 
 from gms_deploy.io.frames import InputError, UltrasoundRegion
-from gms_deploy.io.images import MAX_DECODED_BYTES, as_rgb, check_size, describe, scale_to_unit
-from gms_deploy.messages import shown
+from gms_deploy.io.images import MAX_DECODED_BYTES, as_rgb, check_size, scale_to_unit
+from gms_deploy.messages import reason, shown
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def iter_dicom_frames(path: Path) -> Iterator[DicomFrame]:
     except InputError:
         raise
     except Exception as exc:  # malformed image attributes or palette tables
-        raise InputError(path, f"invalid image attributes: {describe(exc)}") from exc
+        raise InputError(path, f"invalid image attributes: {reason(exc)}") from exc
     frames = _decoded(path, ds)
     for index in range(count):
         where = "pixel data" if count == 1 else f"frame {index} of {count}"
@@ -91,7 +91,7 @@ def iter_dicom_frames(path: Path) -> Iterator[DicomFrame]:
         except (InputError, KeyboardInterrupt, SystemExit):
             raise
         except BaseException as exc:  # ValueError, RuntimeError...; Rust decoders' panics are BaseExceptions
-            raise InputError(path, f"{where}: cannot decode: {describe(exc)}") from exc
+            raise InputError(path, f"{where}: cannot decode: {reason(exc)}") from exc
         yield (None if count == 1 else index), pixels, regions
 
 
@@ -120,7 +120,7 @@ def _region(item: Dataset, height: int, width: int, name: str) -> UltrasoundRegi
         spatial_format, units_x, units_y = (int(item.get(key)) for key in _CALIBRATION[:3])
         delta_x, delta_y = float(item.PhysicalDeltaX), float(item.PhysicalDeltaY)
     except (TypeError, ValueError) as exc:
-        log.warning("%s skipped: %s", name, describe(exc))
+        log.warning("%s skipped: %s", name, reason(exc))
         return None
     if not (math.isfinite(delta_x) and math.isfinite(delta_y)):
         log.warning("%s skipped: physical delta is not finite", name)
@@ -144,9 +144,9 @@ def _read_header(path: Path) -> Dataset:
     except InputError:
         raise
     except OSError as exc:
-        raise InputError(path, f"cannot read: {exc.strerror or describe(exc)}") from exc
+        raise InputError(path, f"cannot read: {reason(exc)}") from exc
     except Exception as exc:
-        raise InputError(path, f"cannot read DICOM header: {describe(exc)}") from exc
+        raise InputError(path, f"cannot read DICOM header: {reason(exc)}") from exc
     if "Rows" not in ds or "Columns" not in ds:
         raise InputError(path, "DICOM file holds no image (no pixel data)" if preamble else "not DICOM")
     return ds

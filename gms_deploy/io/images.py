@@ -25,7 +25,7 @@ import tifffile
 from PIL import Image
 
 from gms_deploy.io.frames import InputError
-from gms_deploy.messages import shown
+from gms_deploy.messages import reason, shown
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +43,6 @@ PILLOW_FORMATS = frozenset({"PNG", "JPEG", "MPO", "BMP", "DIB", "TIFF"})
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PNG_SAMPLES = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # IHDR colour type -> samples per pixel
-
-
-def describe(exc: BaseException) -> str:
-    """A readable reason even for exceptions that carry no message (``struct.error()``, ``KeyError``)."""
-    text = str(exc).strip()
-    return text if text and not isinstance(exc, KeyError) else f"{type(exc).__name__} {text}".strip()
 
 
 def check_size(path: Path, width: int, height: int, samples: int = 1, sample_bytes: int = 1) -> None:
@@ -98,7 +92,7 @@ def read_image(path: Path) -> np.ndarray:
         with path.open("rb") as f:
             head = f.read(32)
     except OSError as exc:
-        raise InputError(path, f"cannot read: {exc.strerror or describe(exc)}") from exc
+        raise InputError(path, f"cannot read: {reason(exc)}") from exc
     if not head:
         raise InputError(path, "empty file")
     try:
@@ -114,11 +108,11 @@ def read_image(path: Path) -> np.ndarray:
     except InputError:
         raise
     except Image.DecompressionBombError as exc:
-        raise InputError(path, f"image too large: {describe(exc)}") from exc
+        raise InputError(path, f"image too large: {reason(exc)}") from exc
     except Image.UnidentifiedImageError as exc:
         raise InputError(path, "not a readable PNG, JPEG, BMP or TIFF image") from exc
     except Exception as exc:  # decoders raise OSError, SyntaxError, struct.error, zlib.error...
-        raise InputError(path, f"cannot decode image: {describe(exc)}") from exc
+        raise InputError(path, f"cannot decode image: {reason(exc)}") from exc
 
 
 def _read_with_pillow(path: Path) -> np.ndarray:

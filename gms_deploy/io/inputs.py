@@ -15,9 +15,9 @@ from pathlib import Path
 
 from gms_deploy.io.dicom import DICOM_SUFFIXES, has_dicom_preamble, iter_dicom_frames
 from gms_deploy.io.frames import Frame, InputError
-from gms_deploy.io.images import IMAGE_SUFFIXES, describe, read_image
+from gms_deploy.io.images import IMAGE_SUFFIXES, read_image
 from gms_deploy.io.outputs import output_stem
-from gms_deploy.messages import shown
+from gms_deploy.messages import reason, shown
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ def discover(inputs: Sequence[Path]) -> tuple[list[Source], list[InputError]]:
         try:
             kind = _kind(given)
         except OSError as exc:  # a folder on the way that may not be entered: EACCES is not swallowed
-            errors.append(InputError(given, f"cannot read: {exc.strerror or describe(exc)}"))
+            errors.append(InputError(given, f"cannot read: {reason(exc)}"))
             continue
         if kind == "folder":
             found = [Source(path, rel) for path, rel in _walk(given, errors)]
@@ -84,7 +84,7 @@ def read_frames(source: Source) -> Iterator[Frame]:
     try:
         is_dicom = has_dicom_preamble(source.path) or source.path.suffix.lower() in DICOM_SUFFIXES
     except OSError as exc:
-        raise InputError(source.path, f"cannot read: {exc.strerror or describe(exc)}") from exc
+        raise InputError(source.path, f"cannot read: {reason(exc)}") from exc
     if not is_dicom:
         yield Frame(source=source.path, rel=source.rel, index=None, pixels=read_image(source.path))
         return
@@ -99,8 +99,7 @@ def _walk(folder: Path, errors: list[InputError]) -> list[tuple[Path, Path]]:
     seen: set[tuple[int, int]] = set()
 
     def unlisted(exc: OSError) -> None:
-        reason = exc.strerror or describe(exc)
-        errors.append(InputError(exc.filename or folder, f"cannot list folder: {reason}"))
+        errors.append(InputError(exc.filename or folder, f"cannot list folder: {reason(exc)}"))
 
     for root, dirs, files in os.walk(folder, onerror=unlisted, followlinks=True):
         try:
@@ -136,7 +135,7 @@ def _wanted(path: Path, errors: list[InputError]) -> bool:
         if kind == "file":
             return named or has_dicom_preamble(path)
     except OSError as exc:
-        kind = f"cannot read: {exc.strerror or describe(exc)}"
+        kind = f"cannot read: {reason(exc)}"
     # Gone, or a folder now, since the folder was listed: another program's doing, not bad input.
     if named and kind not in ("no such file or folder", "folder"):
         errors.append(InputError(path, kind))

@@ -18,6 +18,7 @@ from typing import BinaryIO, Literal, get_args
 import numpy as np
 from PIL import Image
 
+from gms_deploy.errors import UsageError
 from gms_deploy.io.dicom import DICOM_SUFFIXES
 from gms_deploy.io.images import IMAGE_SUFFIXES, as_rgb
 from gms_deploy.messages import reason, shown
@@ -161,10 +162,10 @@ class ResultsTable:
         except (UnicodeDecodeError, csv.Error):
             raise self._refused("not a UTF-8 CSV table") from None
         except OSError as err:
-            raise ValueError(f"{shown(self.path)}: cannot be read: {reason(err)}") from None
+            raise UsageError(f"{shown(self.path)}: cannot be read: {reason(err)}") from None
 
-    def _refused(self, why: str) -> ValueError:
-        return ValueError(
+    def _refused(self, why: str) -> UsageError:
+        return UsageError(
             f"{shown(self.path)}: exists but is not a results table ({why}); "
             "move it away or write to another folder"
         )

@@ -14,6 +14,7 @@ import torch
 from diffusers import AutoencoderKL
 from torch import nn
 
+from gms_deploy.errors import UsageError
 from gms_deploy.model.mapper import LatentMapper
 
 SCALE_FACTOR = 0.18215
@@ -27,7 +28,7 @@ MAX_IMAGE_SIZE = 2048
 def check_image_size(size: int) -> None:
     """Refuse a network input size the model cannot take, before any frame or file is touched."""
     if isinstance(size, bool) or not isinstance(size, int) or not 8 <= size <= MAX_IMAGE_SIZE or size % 8:
-        raise ValueError(f"image_size must be a multiple of 8 from 8 to {MAX_IMAGE_SIZE}, got {size!r}")
+        raise UsageError(f"image_size must be a multiple of 8 from 8 to {MAX_IMAGE_SIZE}, got {size!r}")
 
 
 class GMSModel(nn.Module):
