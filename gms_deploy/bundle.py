@@ -18,7 +18,7 @@ from gms_deploy.config_types import check_types
 from gms_deploy.errors import UsageError
 from gms_deploy.model.checkpoints import CheckpointError
 from gms_deploy.model.gms import SCALE_FACTOR, GMSModel, check_image_size
-from gms_deploy.model.mapper import load_mapper
+from gms_deploy.model.mapper import config_path, load_mapper
 from gms_deploy.model.vae import load_vae
 
 MANIFEST = "gms.json"
@@ -99,6 +99,8 @@ class ModelBundle:
                 names[role] = f"{role}{'' if source.is_dir() else ''.join(source.suffixes)}"
                 copy = shutil.copytree if source.is_dir() else shutil.copy2
                 copy(source, staging / names[role])
+            if (mapper_config := config_path(self.mapper)).is_file():  # the config the shapes cannot tell
+                shutil.copy2(mapper_config, config_path(staging / names["mapper"]))
             manifest = {
                 "format": FORMAT,
                 "version": VERSION,

@@ -189,7 +189,16 @@ def infer(
     else:
         runner = open_runner(backend, source, device, precision)
     typer.echo(f"model: {runner.description}", err=True)
-    options = InferOptions(out, batch_size, threshold, save_prob, overlay, roi, overwrite, readers)
+    options = InferOptions(
+        out,
+        batch_size=batch_size,
+        threshold=threshold,
+        save_prob=save_prob,
+        overlay=overlay,
+        roi=roi,
+        overwrite=overwrite,
+        readers=readers,
+    )
     with tqdm(desc="segmenting", unit="file", leave=False, disable=None) as bar:
 
         def progress(done: int, total: int) -> None:
@@ -317,6 +326,9 @@ def train(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: checkpoints, config, state.")],
     model: ModelOpt = None,
     vae: Annotated[Path | None, typer.Option("--vae", help="Frozen VAE (default: the model's).")] = None,
+    mapper: Annotated[
+        Path | None, typer.Option("--mapper", help="Fine-tune this mapper rather than start afresh.")
+    ] = None,
     config: Annotated[Path | None, typer.Option("--config", help="JSON training config.")] = None,
     epochs: Annotated[int | None, typer.Option(min=1)] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1)] = None,
@@ -347,6 +359,7 @@ def train(
         "cache_latents": cache_latents,
         "device": device,
         "split_file": split and str(split),
+        "init_from": mapper and str(mapper),
         "image_size": image_size or (None if config else default_size),
     }
     settings = (

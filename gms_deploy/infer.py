@@ -16,7 +16,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -43,6 +43,7 @@ Roi = Literal["none", "dicom"]
 @dataclass(frozen=True)
 class InferOptions:
     out_dir: Path
+    _: KW_ONLY  # adjacent flags of one type are easy to swap by position
     batch_size: int = 4
     threshold: float | None = None
     save_prob: bool = False

@@ -65,10 +65,10 @@ def test_every_command_takes_a_bundle_or_its_two_checkpoints(
 
 
 def test_train_takes_a_bundle_or_a_vae(tiny_bundle: ModelBundle, one_thread: None, tmp_path: Path) -> None:
-    """Training makes the mapper, so it takes the model's VAE only: from a bundle, or as --vae."""
+    """Training makes the mapper from the model's VAE (a bundle's, or --vae); --mapper fine-tunes one."""
     for name, flags in (
         ("bundle", ["--model", str(tiny_bundle.vae.parent)]),
-        ("vae", ["--vae", str(tiny_bundle.vae)]),
+        ("checkpoints", ["--vae", str(tiny_bundle.vae), "--mapper", str(tiny_bundle.mapper)]),
     ):
         args = [
             "train",

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,7 +18,15 @@ from safetensors.torch import save_file, save_model
 from gms_deploy.bundle import ModelBundle
 from gms_deploy.model.checkpoints import CheckpointError, read_state_dict
 from gms_deploy.model.gms import GMSModel
-from gms_deploy.model.mapper import LatentMapper, load_mapper
+from gms_deploy.model.mapper import (
+    LatentMapper,
+    MapperConfig,
+    config_from_state_dict,
+    config_path,
+    load_mapper,
+    norm_groups_for,
+    save_mapper,
+)
 from gms_deploy.model.vae import load_vae
 from gms_deploy.preprocess import preprocess
 
@@ -227,3 +237,62 @@ def test_tiny_models_are_fully_convolutional(tiny_bundle: ModelBundle) -> None:
         prob = model(torch.zeros(3, 3, 48, 40))
     assert prob.shape == (3, 1, 48, 40)
     assert float(prob.min()) >= 0.0 and float(prob.max()) <= 1.0
+
+
+NARROW = MapperConfig(ch=8, ch_mult=(1, 1, 2, 2), norm_groups=8)
+
+
+def test_saved_mapper_carries_its_config(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    mapper = LatentMapper(NARROW)
+    save_mapper(mapper, tmp_path / "best_model.pth")
+    assert set(torch.load(tmp_path / "best_model.pth", weights_only=True)) == {"model"}
+    saved = json.loads((tmp_path / "best_model.json").read_text())
+    assert saved == {
+        "format": "gms-mapper-config",
+        "version": 1,
+        "mapper": {"in_channels": 4, "out_channels": 4, "ch": 8, "ch_mult": [1, 1, 2, 2], "norm_groups": 8},
+    }
+    loaded = load_mapper(tmp_path / "best_model.pth")
+    assert loaded.config == NARROW
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in mapper.state_dict().items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best_model.json", "best_model.pth"]
+
+
+@pytest.mark.parametrize(("ch", "groups"), [(32, 16), (16, 16), (48, 16), (8, 8), (24, 24), (40, 40)])
+def test_one_group_rule_for_training_and_shape_inference(ch: int, groups: int) -> None:
+    assert norm_groups_for(ch) == groups
+    config = MapperConfig(ch=ch, norm_groups=norm_groups_for(ch))
+    assert config_from_state_dict(LatentMapper(config).state_dict()) == config
+
+
+def _mapper_fields(**changes: object) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    return lambda saved: saved | {"mapper": saved["mapper"] | changes}
+
+
+@pytest.mark.parametrize(
+    ("edit", "named", "expected"),
+    [
+        (lambda saved: "{", "m.json", "not a GMS mapper config (Expecting property name"),
+        (lambda saved: saved | {"format": "other"}, "m.json", "format is not 'gms-mapper-config'"),
+        (lambda saved: saved | {"version": 2}, "m.json", "version 2; this gms-deploy reads 1"),
+        (lambda saved: saved | {"mapper": {"ch": 8}}, "m.json", "must give exactly ch, ch_mult, in_channels"),
+        (_mapper_fields(ch="8"), "m.json", "mapper setting ch: expected int, got '8'"),
+        (_mapper_fields(ch_mult=[1, 1]), "m.json", "ch_mult needs 4 levels"),
+        (_mapper_fields(norm_groups=0), "m.json", "every size must be at least 1"),
+        (_mapper_fields(norm_groups=3), "m.json", "config gives no valid GMS mapper (num_channels (8) must"),
+        (_mapper_fields(ch=16, norm_groups=16), "m.pth", "not a matching GMS mapper (config from m.json)"),
+    ],
+)
+def test_a_bad_mapper_config_names_its_file(
+    tmp_path: Path, edit: Callable[[dict[str, Any]], object], named: str, expected: str
+) -> None:
+    """A config that cannot be read, or no longer matches its weights, is refused naming what to fix."""
+    save_mapper(LatentMapper(NARROW), tmp_path / "m.pth")
+    sidecar = config_path(tmp_path / "m.pth")
+    edited = edit(json.loads(sidecar.read_text()))
+    sidecar.write_text(edited if isinstance(edited, str) else json.dumps(edited))
+    with pytest.raises(CheckpointError) as caught:
+        load_mapper(tmp_path / "m.pth")
+    message = str(caught.value)
+    assert message.startswith(str(tmp_path / named)) and expected in message, message

@@ -7,6 +7,7 @@ import json
 import pickle
 from collections import OrderedDict
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pytest
@@ -15,12 +16,14 @@ from typer.testing import CliRunner
 
 from gms_deploy.bundle import ModelBundle, demo_bundle
 from gms_deploy.cli import app
-from gms_deploy.model.mapper import load_mapper
+from gms_deploy.model.mapper import config_path, load_mapper
+from gms_deploy.model.vae import load_vae
+from gms_deploy.train import vae_trainer
 from gms_deploy.train.data import SplitError, augment, default_split, find_split, read_split
 from gms_deploy.train.phantom import write_dataset
 from gms_deploy.train.schedule import warmup_cosine_factor
-from gms_deploy.train.trainer import BEST, LAST, TrainConfig, train_mapper
-from gms_deploy.train.vae_trainer import VAEConfig, build_vae
+from gms_deploy.train.trainer import BEST, LAST, STATE, TrainConfig, train_mapper
+from gms_deploy.train.vae_trainer import VAEConfig, build_vae, save_vae
 
 TINY = TrainConfig(
     image_size=32,
@@ -215,3 +218,80 @@ def test_cli_train_then_resume_then_evaluate(tmp_path: Path) -> None:
     assert "dsc_224" in scored.output
     both = cli.invoke(app, [*args, "--vae", str(demo_bundle().vae), "--model", str(tmp_path / "bundle")])
     assert both.exit_code == 2 and "not both" in both.output
+
+
+@pytest.mark.parametrize("ch", [8, 24])
+def test_a_mapper_whose_width_is_no_multiple_of_16_loads_back(
+    tiny: tuple[Path, Path], tmp_path: Path, ch: int
+) -> None:
+    data, vae = tiny
+    config = TINY.with_overrides(epochs=1, mapper_ch=ch)
+    result = train_mapper(config, data, tmp_path / "run", vae, progress=False)
+    trained = config.mapper_config()
+    assert trained.norm_groups == ch, "16 groups do not divide this width"
+    for path in (result.best_path, result.last_path):
+        assert set(torch.load(path, weights_only=True)) == {"model"}, "official checkpoint format"
+        assert config_path(path).is_file()
+        assert load_mapper(path).config == trained
+    assert ModelBundle(vae, result.best_path).build().mapper.config == trained  # what infer --mapper opens
+    ModelBundle(vae, result.best_path).with_settings(image_size=32).save(tmp_path / "bundle")
+    assert ModelBundle.load(tmp_path / "bundle").build().mapper.config == trained, "the config is bundled"
+    config_path(result.best_path).unlink()
+    assert load_mapper(result.best_path).config == trained, "without the config, the shapes say the same"
+
+
+def test_cli_trains_a_24_wide_mapper_and_infers_with_it(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    data, vae = tiny
+    config = tmp_path / "train.json"
+    config.write_text(json.dumps({"mapper_ch": 24}))
+    cli = CliRunner()
+    args = ["--data", str(data), "--out", str(tmp_path / "run"), "--vae", str(vae), "--config", str(config)]
+    options = ["--epochs", "1", "--batch-size", "4", "--image-size", "32", "--no-augment", "--cache-latents"]
+    trained = cli.invoke(app, ["train", *args, *options])
+    assert trained.exit_code == 0, trained.output
+    image = next((data / "images").iterdir())
+    mapper = tmp_path / "run" / BEST
+    flags = ["--vae", str(vae), "--mapper", str(mapper), "--backend", "torch", "--device", "cpu"]
+    inferred = cli.invoke(app, ["infer", str(image), "--out", str(tmp_path / "masks"), *flags])
+    assert inferred.exit_code == 0, inferred.output
+    assert len(list((tmp_path / "masks").rglob("*_mask.png"))) == 1
+
+
+def test_an_interrupted_save_keeps_the_previous_checkpoints(
+    tiny: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data, vae = tiny
+    train_mapper(TINY.with_overrides(epochs=1), data, tmp_path, vae, progress=False)
+    saved = {name: (tmp_path / name).read_bytes() for name in (BEST, LAST, STATE)}
+
+    def dies_halfway(obj: object, f: BinaryIO, *args: object, **kwargs: object) -> None:
+        f.write(b"half a checkpoint")
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(RuntimeError, match="killed"):
+        train_mapper(TINY.with_overrides(epochs=2), data, tmp_path, vae, progress=False, resume=True)
+    monkeypatch.undo()
+    assert {name: (tmp_path / name).read_bytes() for name in saved} == saved
+    assert not list(tmp_path.glob(".*.part")), "the temporary file is removed"
+    load_mapper(tmp_path / LAST)
+
+
+def test_vae_save_writes_config_json_last_and_leaves_no_staging(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vae = build_vae(VAEConfig(block_out_channels=(8, 8), norm_num_groups=8))
+    save_vae(vae, tmp_path / "vae")
+    load_vae(tmp_path / "vae")
+    written = []
+
+    def killed(path: Path, write: object) -> None:
+        written.append(path.name)
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(vae_trainer, "write_atomic", killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        save_vae(vae, tmp_path / "again")
+    assert written == ["diffusion_pytorch_model.safetensors"], "weights first: config.json marks a whole VAE"
+    assert not (tmp_path / "again" / "config.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again", "vae"], "the staging folder is removed"

@@ -4,20 +4,30 @@ A U-Net-shaped stack of residual + self-attention blocks that never changes the 
 a 4 x 28 x 28 image latent goes in, a 4 x 28 x 28 mask latent comes out. Module names follow the
 official checkpoint exactly, so ``best_model.pth`` loads with ``strict=True`` and our own
 checkpoints load in the official code.
+
+The tensors do not record GroupNorm's group count, so a mapper we train carries its config in a
+JSON file beside the weights (``best_model.pth`` -> ``best_model.json``); the checkpoint itself
+stays ``{"model": state_dict}``, the official format. A file with no config beside it (the
+official release) gets its config from the tensor shapes and ``norm_groups_for``.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from gms_deploy.config_types import check_types
+from gms_deploy.io.outputs import write_atomic
 from gms_deploy.model.checkpoints import CheckpointError, check_finite, check_keys, read_state_dict
 
 HEADS = ("level3", "level2", "level1", "out")
+CONFIG_FORMAT = "gms-mapper-config"
+CONFIG_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -29,6 +39,16 @@ class MapperConfig:
     ch: int = 32
     ch_mult: tuple[int, ...] = (1, 2, 4, 4)
     norm_groups: int = 16
+
+
+def norm_groups_for(ch: int) -> int:
+    """GroupNorm groups for a mapper of base width ``ch``: the trainer builds with this and shape
+    inference assumes it, so that a file without a config loads as it was trained.
+
+    16 as the official mapper; a width that is not a multiple of 16 gets one group per base
+    channel, which divides every width in the network (all are multiples of ``ch``).
+    """
+    return 16 if ch % 16 == 0 else ch
 
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -151,7 +171,8 @@ class LatentMapper(nn.Module):
 def config_from_state_dict(state: dict[str, torch.Tensor]) -> MapperConfig:
     """Read the architecture off the tensors, so that a wider or narrower mapper loads too.
 
-    GroupNorm's group count leaves no trace in the tensors; the official code fixes it at 16.
+    GroupNorm's group count leaves no trace in the tensors: it is the one the trainer would have
+    used for this width (16 for the official mapper).
     """
     first = state["input_blocks.weight"]
     ch = int(first.shape[0])
@@ -161,29 +182,87 @@ def config_from_state_dict(state: dict[str, torch.Tensor]) -> MapperConfig:
         out_channels=int(state["convds0.2.weight"].shape[0]),
         ch=ch,
         ch_mult=mult,
+        norm_groups=norm_groups_for(ch),
     )
+
+
+def config_path(checkpoint: Path) -> Path:
+    """Where a mapper checkpoint's config lives: beside it, named after it, so copies stay paired."""
+    return Path(checkpoint).with_suffix(".json")
+
+
+def save_mapper(mapper: LatentMapper, path: Path) -> None:
+    """Write the config, then the weights in the official format, each one whole or not at all.
+
+    An interrupted training run must never leave a half-written ``best_model.pth``.
+    """
+    path = Path(path)
+    text = json.dumps({"format": CONFIG_FORMAT, "version": CONFIG_VERSION, "mapper": asdict(mapper.config)})
+    write_atomic(config_path(path), lambda f: f.write(text.encode() + b"\n"))
+    state = {k: v.detach().cpu() for k, v in mapper.state_dict().items()}
+    write_atomic(path, lambda f: torch.save({"model": state}, f))
+
+
+def read_mapper_config(path: Path) -> MapperConfig:
+    """The config ``save_mapper`` wrote, every field required: a missing one would silently take a
+    default, which is how a mapper came to be rebuilt with the wrong group count."""
+    try:
+        data = json.loads(Path(path).read_text())
+        if not isinstance(data, dict) or data.get("format") != CONFIG_FORMAT:
+            raise ValueError(f"format is not {CONFIG_FORMAT!r}")
+        if data.get("version") != CONFIG_VERSION:
+            raise ValueError(f"version {data.get('version')!r}; this gms-deploy reads {CONFIG_VERSION}")
+        values = data["mapper"]
+        names = {f.name for f in fields(MapperConfig)}
+        if not isinstance(values, dict) or set(values) != names:
+            raise ValueError(f"'mapper' must give exactly {', '.join(sorted(names))}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        check_types(MapperConfig, values, "mapper setting")
+        config = MapperConfig(**values)
+        sizes = (config.in_channels, config.out_channels, config.ch, config.norm_groups, *config.ch_mult)
+        if len(config.ch_mult) != 4 or min(sizes) < 1:
+            raise ValueError("ch_mult needs 4 levels and every size must be at least 1")
+        return config
+    except (OSError, ValueError, KeyError) as err:
+        raise CheckpointError(path, f"not a GMS mapper config ({err})") from None
 
 
 def load_mapper(path: Path) -> LatentMapper:
     """Strict-load a mapper from the official ``{"model": ...}`` file or any state-dict file.
 
-    A PReLU weight stored under only one of its two names (tools that deduplicate shared
-    tensors, such as safetensors' ``save_model``, drop one) is filled in from its twin.
+    The config beside the file wins over the one read off the tensor shapes. A PReLU weight
+    stored under only one of its two names (tools that deduplicate shared tensors, such as
+    safetensors' ``save_model``, drop one) is filled in from its twin.
     """
     state = read_state_dict(path)
     for key in list(state):
         if (twin := _prelu_twin(key)) is not None:
             state.setdefault(twin, state[key])
+    saved = config_path(path)
+    if saved.is_file():
+        mapper, what = _mapper_from_config(saved), f"GMS mapper (config from {saved.name})"
+    else:
+        mapper, what = _mapper_from_shapes(path, state), "GMS mapper"
+    check_keys(path, {k: v.shape for k, v in mapper.state_dict().items()}, state, what)
+    check_finite(path, state)
+    mapper.load_state_dict(state, strict=True)
+    return mapper.eval()
+
+
+def _mapper_from_config(path: Path) -> LatentMapper:
     try:
-        mapper = LatentMapper(config_from_state_dict(state))
+        return LatentMapper(read_mapper_config(path))
+    except ValueError as err:
+        raise CheckpointError(path, f"config gives no valid GMS mapper ({err})") from None
+
+
+def _mapper_from_shapes(path: Path, state: dict[str, torch.Tensor]) -> LatentMapper:
+    try:
+        return LatentMapper(config_from_state_dict(state))
     except KeyError as err:
         raise CheckpointError(path, f"missing key {err.args[0]}: not a GMS mapper checkpoint") from None
     except (ValueError, ZeroDivisionError) as err:
         raise CheckpointError(path, f"tensor shapes give no valid GMS mapper ({err})") from None
-    check_keys(path, {k: v.shape for k, v in mapper.state_dict().items()}, state, "GMS mapper")
-    check_finite(path, state)
-    mapper.load_state_dict(state, strict=True)
-    return mapper.eval()
 
 
 def _prelu_twin(key: str) -> str | None:

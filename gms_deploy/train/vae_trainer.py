@@ -10,16 +10,20 @@ The network is fully convolutional: it is trained on crops and runs at any multi
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
 from diffusers import AutoencoderKL
 from tqdm import tqdm
 
+from gms_deploy.io.outputs import write_atomic
 from gms_deploy.train.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -132,6 +136,26 @@ def train_vae(
             bar.set_postfix(loss=f"{means[0]:.4f}", img=f"{means[1]:.4f}", mask=f"{means[2]:.4f}")
             log.info("vae step %d loss %.4f image_l1 %.4f mask_l1 %.4f", step + 1, *means)
     out_dir = Path(out_dir)
-    vae.eval().save_pretrained(out_dir, safe_serialization=True)
+    save_vae(vae.eval(), out_dir)
     means = np.mean(recent, axis=0)
     return VAEResult(out_dir, config.steps, time.monotonic() - start, *map(float, means))
+
+
+def save_vae(vae: AutoencoderKL, out_dir: Path) -> None:
+    """Write a diffusers folder whose every file is whole, ``config.json`` last.
+
+    diffusers writes in place; its files are staged beside ``out_dir`` and each moved in
+    atomically. A folder with ``config.json`` counts as a finished VAE (the demo build skips
+    training it again), so an interrupted save must leave none.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.", dir=out_dir.parent) as staging:
+        vae.save_pretrained(staging, safe_serialization=True)
+        for staged in sorted(Path(staging).iterdir(), key=lambda p: p.name == "config.json"):
+            write_atomic(out_dir / staged.name, lambda f, source=staged: _copy_from(source, f))
+
+
+def _copy_from(source: Path, target: BinaryIO) -> None:
+    with source.open("rb") as f:
+        shutil.copyfileobj(f, target)
