@@ -120,31 +120,3 @@ class ModelBundle:
 def demo_bundle() -> ModelBundle:
     """The model shipped inside the package, used when no model is given."""
     return ModelBundle.load(Path(str(resources.files("gms_deploy") / "data" / DEMO)))
-
-
-# Stable Diffusion's VAE, the architecture every released GMS model uses (83.65 M parameters).
-SD_VAE = {
-    "block_out_channels": (128, 256, 512, 512),
-    "down_block_types": ("DownEncoderBlock2D",) * 4,
-    "up_block_types": ("UpDecoderBlock2D",) * 4,
-    "layers_per_block": 2,
-    "latent_channels": 4,
-    "norm_num_groups": 32,
-}
-
-
-def random_full_size(root: Path, image_size: int = 224, seed: int = 0) -> ModelBundle:
-    """The released architecture with random weights, written under ``root``: the real model's cost.
-
-    For benchmarks and full-size tests: speed and graph structure do not depend on the weights,
-    and the machines that measure them (a lent GPU, CI) have none. ``.save()`` makes it a bundle.
-    """
-    import torch
-    from diffusers import AutoencoderKL
-
-    from gms_deploy.model.mapper import LatentMapper, MapperConfig
-
-    torch.manual_seed(seed)
-    AutoencoderKL(**SD_VAE).save_pretrained(root / "vae")
-    torch.save({"model": LatentMapper(MapperConfig()).state_dict()}, root / "mapper.pth")
-    return ModelBundle(root / "vae", root / "mapper.pth", Settings(image_size=image_size), "random-full-size")

@@ -13,11 +13,12 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from full_size import random_full_size
 from typer.testing import CliRunner
 
 from gms_deploy import onnx_export, validate
 from gms_deploy.backends import BackendError, open_runner
-from gms_deploy.bundle import ModelBundle, Settings, random_full_size
+from gms_deploy.bundle import ModelBundle, Settings
 from gms_deploy.cli import app
 from gms_deploy.onnx_export import (
     FORMAT_VERSION,
