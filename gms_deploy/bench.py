@@ -38,6 +38,7 @@ from gms_deploy.backends.base import DeviceRunner
 from gms_deploy.compare import Criteria, agree
 from gms_deploy.devices import torch_device
 from gms_deploy.errors import UsageError
+from gms_deploy.export_format import ExportManifest
 from gms_deploy.io.frames import InputError
 from gms_deploy.io.inputs import discover, read_frames
 from gms_deploy.machine_load import MachineLoad
@@ -196,12 +197,8 @@ def run_bench(config: BenchConfig, progress: Progress | None = None) -> BenchRes
     unknown = sorted(set(config.backends) - set(NAMES))  # every real backend: auto picks only one
     if unknown:
         raise BackendError(f"unknown backend {', '.join(unknown)}; choose from {', '.join(NAMES)}")
-    source = config.source
-    if source.bundle is None:
-        raise BackendError(
-            f"{source.export} is an export; bench times it against eager PyTorch FP32, which needs the "
-            "weights: give them as --model BUNDLE or --vae/--mapper, and the export as --export"
-        )
+    # Every variant is timed against eager PyTorch FP32: the weights are read once, here.
+    source = ModelSource(config.source.weights("bench"), export=config.source.export)
     device = _resolve_device(config.device)
     gpu = device.type == "cuda"
     warmup = 3 if config.warmup is None else config.warmup
@@ -213,7 +210,7 @@ def run_bench(config: BenchConfig, progress: Progress | None = None) -> BenchRes
     if min(batch_sizes) < 1 or iterations < 1 or warmup < 0 or threads < 1:
         raise UsageError("batch sizes, iterations and threads must be at least 1, warm-up at least 0")
     _check_export(source.export)
-    image_sizes = config.image_sizes or (source.bundle.settings.image_size,)
+    image_sizes = config.image_sizes or (source.weights("bench").settings.image_size,)
     frames = _load_frames(config.frames or SAMPLES, max(batch_sizes))
     peak_tflops = _fp16_peak_tflops(device) if gpu else None
     timing = _Timing(warmup, iterations, config.submodels, peak_tflops)
@@ -267,14 +264,13 @@ def _resolve_device(device: str) -> torch.device:
 
 
 def _check_export(export: Path | None) -> None:
-    """An export named with --export that is no export is an error, not a backend passed over."""
-    if export is None:
-        return
-    try:
-        from gms_deploy.backends.onnxruntime import read_manifest
-    except ImportError:  # the export extra is missing: its backends are listed as skipped, saying so
-        return
-    read_manifest(export)
+    """An export named with --export that is no export is an error, not a backend passed over.
+
+    Reading a manifest needs no export extra: without it, a sound export's backends are listed as
+    skipped, saying why.
+    """
+    if export is not None:
+        ExportManifest.read(export)
 
 
 def _load_frames(folder: Path, count: int) -> list[np.ndarray]:
@@ -370,8 +366,8 @@ def _open_held(variant: Variant, source: ModelSource, size: int) -> _Opened:
     gpu = torch.device(variant.device).type == "cuda"
     before = torch.cuda.memory_allocated(variant.device) if gpu else 0
     weights = backend_spec(variant.backend).runs == "weights"
-    if weights and source.bundle is not None:
-        source = ModelSource(source.bundle.with_settings(image_size=size))
+    if weights:
+        source = ModelSource(source.weights("bench").with_settings(image_size=size))
     runner = open_runner(variant.backend, source, variant.device, variant.precision)
     if weights:
         weights = (torch.cuda.memory_allocated(variant.device) - before) / 2**20 if gpu else None

@@ -12,34 +12,18 @@ import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from gms_deploy.config_types import check_types
-from gms_deploy.errors import UsageError
-from gms_deploy.model.checkpoints import CheckpointError
-from gms_deploy.model.gms import SCALE_FACTOR, GMSModel, check_image_size
-from gms_deploy.model.mapper import config_path, load_mapper
-from gms_deploy.model.vae import load_vae
+from gms_deploy.errors import CheckpointError
+from gms_deploy.settings import Settings
+
+if TYPE_CHECKING:
+    from gms_deploy.model.gms import GMSModel
 
 MANIFEST = "gms.json"
 FORMAT = "gms-deploy-bundle"
 VERSION = 1
 DEMO = "demo"
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What the official code hard-codes; a bundle records it so that a retrained model can differ."""
-
-    image_size: int = 224
-    scale_factor: float = SCALE_FACTOR
-    threshold: float = 0.5
-
-    def __post_init__(self) -> None:
-        check_image_size(self.image_size)
-        check_types(Settings, asdict(self), "setting")
-        if not 0.0 < self.threshold < 1.0:
-            raise UsageError(f"threshold must lie strictly between 0 and 1, got {self.threshold}")
 
 
 @dataclass(frozen=True)
@@ -78,7 +62,12 @@ class ModelBundle:
         return replace(self, settings=replace(self.settings, **changes))
 
     def build(self) -> GMSModel:
-        """Load both networks (CPU, eval mode, frozen)."""
+        """Load both networks (CPU, eval mode, frozen): the model code is imported here, not by reading
+        a bundle, so that naming a model costs no network import."""
+        from gms_deploy.model.gms import GMSModel
+        from gms_deploy.model.mapper import load_mapper
+        from gms_deploy.model.vae import load_vae
+
         model = GMSModel(load_vae(self.vae), load_mapper(self.mapper), self.settings.scale_factor)
         return model.eval().requires_grad_(False)
 
@@ -88,6 +77,8 @@ class ModelBundle:
         The folder is assembled beside its destination and renamed into place, so an interrupted
         save leaves no folder that looks like a bundle.
         """
+        from gms_deploy.model.mapper import config_path
+
         out_dir = Path(out_dir)
         if (out_dir / MANIFEST).exists():
             raise FileExistsError(f"{out_dir}: already holds a bundle")

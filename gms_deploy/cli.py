@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import click
 import typer
@@ -20,6 +20,9 @@ from gms_deploy.backends import CHOICES, NAMES, ModelSource, open_auto, open_run
 from gms_deploy.errors import GmsError, UsageError
 from gms_deploy.infer import READERS, InferOptions, Roi, run_inference
 from gms_deploy.messages import first_line, os_reason, shown
+
+if TYPE_CHECKING:
+    from gms_deploy.engines import BuildOptions
 
 BUG = (
     "gms-deploy hit a bug, not a problem with your files: please report it with the traceback above "
@@ -263,19 +266,17 @@ def export(
     ] = False,
 ) -> None:
     """Export the model to ONNX (FP32 and strongly typed FP16), validated against PyTorch."""
-    from gms_deploy.onnx_export import export_model
-    from gms_deploy.validate import ValidationError
+    from gms_deploy.onnx_export import ExportOptions
+    from gms_deploy.validate import run_export
 
     chosen = ModelSource.from_flags(model, vae, mapper).weights("export")
     if image_size is not None:
         chosen = chosen.with_settings(image_size=image_size)
-    try:
-        with _writing(out):
-            result = export_model(chosen, out, tuple(precision), calibration, data_max, validate, overwrite)
-    except ValidationError as err:
-        if err.report is not None:
-            typer.echo(err.report.table(), err=True)
-        raise _fail(str(err)) from None
+    options = ExportOptions(
+        precisions=tuple(precision), calibration=calibration, data_max=data_max, overwrite=overwrite
+    )
+    with _writing(out):
+        result = run_export(chosen, out, options, validate=validate)
     if result.validation is not None:
         typer.echo(result.validation.table(), err=True)
     timings = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in result.seconds.items())
@@ -301,18 +302,26 @@ def build(
     ),
 ) -> None:
     """Build TensorRT engines for an export's graphs, for the GPU they will run on (cached)."""
+    from gms_deploy.engines import BuildOptions
+    from gms_deploy.export_format import BatchProfile
+
     if trt not in ("auto", "tensorrt", "rtx") or precision not in ("fp16", "fp32"):
         raise _fail(f"--trt takes auto, tensorrt or rtx, --precision fp16 or fp32 (got {trt}, {precision})")
-    _build_engines(
-        export_dir, trt, precision, min_batch, opt_batch, max_batch, tuple(target_cc or ()), rebuild
+    options = BuildOptions(
+        flavour=trt,
+        precision=precision,
+        profile=BatchProfile(min_batch, opt_batch, max_batch),
+        targets=tuple(target_cc or ()),
+        rebuild=rebuild,
     )
+    _build_engines(export_dir, options)
 
 
-def _build_engines(export_dir: Path, *args: Any) -> None:
-    """``build`` and ``export --engines``: build (or skip) every engine and print a line for each."""
+def _build_engines(export_dir: Path, options: BuildOptions | None = None) -> None:
+    """``build`` and ``export --engines`` (the defaults): build (or skip) every engine, a line for each."""
     from gms_deploy.engines import build_engines
 
-    records = build_engines(export_dir, *args)
+    records = build_engines(export_dir, options)
     for record in records:
         typer.echo(
             f"{record.path.name}: {record.status} ({record.reason}), {record.size / 2**20:.1f} MiB, "

@@ -10,34 +10,45 @@ are written atomically: an interrupted build leaves no engine that looks valid.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from gms_deploy.backends.base import BackendError
-from gms_deploy.backends.onnxruntime import graph_entry, read_manifest
+from gms_deploy.export_format import (
+    KEY_FIELDS,
+    MANIFEST,
+    REBUILD,
+    BackendError,
+    BatchProfile,
+    EngineEntry,
+    EngineRecipe,
+    ExportManifest,
+    GpuInfo,
+    sha256,
+)
 from gms_deploy.io.outputs import write_atomic
-from gms_deploy.onnx_export import MANIFEST, sha256
-from gms_deploy.trt.build import BatchProfile, build_engine
+from gms_deploy.trt.build import build_engine
 from gms_deploy.trt.flavour import ANY_GPU, Flavour, TrtUnavailable, any_gpu, find_flavour
 
 log = logging.getLogger(__name__)
 GRAPHS = ("encoder", "mapper", "decoder", "gms")
-# Fields that change what TensorRT builds; a difference in any of them is named when it rebuilds.
-KEY_FIELDS = ("onnx_sha256", "flavour", "version", "targets", "gpu", "precision", "profile")
-REBUILD = "run `gms-deploy build {dir}` (or add --rebuild)"
 
 
 @dataclass(frozen=True)
-class GpuInfo:
-    """The CUDA GPU present; its compute capability in TensorRT for RTX's spelling (``SM86``)."""
+class BuildOptions:
+    """What to build; the defaults are ``gms-deploy build`` without flags.
 
-    name: str
-    sm_count: int
-    compute_capability: str
+    ``targets``: compute capabilities for TensorRT for RTX (``SM86``; empty: this GPU, or with none
+    a portable engine); ``rebuild``: build even where the recorded engine matches.
+    """
+
+    flavour: Literal["auto", "tensorrt", "rtx"] = "auto"
+    precision: str = "fp16"
+    profile: BatchProfile = field(default_factory=lambda: BatchProfile(max=8))
+    targets: tuple[str, ...] = ()
+    rebuild: bool = False
+    graphs: tuple[str, ...] = GRAPHS
 
 
 @dataclass(frozen=True)
@@ -66,97 +77,69 @@ def engine_file(graph: str, precision: str) -> str:
     return f"{graph}_{precision}.engine"
 
 
-def _key(entry: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps({k: entry[k] for k in KEY_FIELDS}, sort_keys=True).encode()).hexdigest()
-
-
-def _stale(old: dict[str, Any] | None, new: dict[str, Any], export_dir: Path) -> str | None:
+def _stale(old: EngineEntry | None, new: EngineRecipe, export_dir: Path) -> str | None:
     """Why the engine ``old`` describes cannot be reused for ``new``; None when it can."""
     if old is None:
         return "not built yet"
-    path = export_dir / new["file"]
+    path = export_dir / new.file
     if not path.is_file():
         return "engine file missing"
-    changed = [k for k in KEY_FIELDS if old.get(k) != new[k]]
+    changed = [k for k in KEY_FIELDS if getattr(old, k) != getattr(new, k)]
     if changed:
         names = {"onnx_sha256": "ONNX graph", "version": "TensorRT version", "gpu": "GPU"}
         return f"{', '.join(names.get(k, k) for k in changed)} changed since the last build"
-    if sha256(path) != old.get("sha256"):
+    if sha256(path) != old.sha256:
         return "engine file changed since it was built"
     return None
 
 
-def _is(entry: dict[str, Any], graph: str, precision: str) -> bool:
-    return (entry.get("graph"), entry.get("precision")) == (graph, precision)
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    text = (json.dumps(data, indent=2) + "\n").encode()
-    write_atomic(path, lambda f: f.write(text))
-
-
-def build_engines(
-    export_dir: Path,
-    flavour: Literal["auto", "tensorrt", "rtx"] = "auto",
-    precision: str = "fp16",
-    min_batch: int = 1,
-    opt_batch: int = 1,
-    max_batch: int = 8,
-    targets: tuple[str, ...] = (),
-    rebuild: bool = False,
-    graphs: tuple[str, ...] = GRAPHS,
-) -> list[EngineRecord]:
+def build_engines(export_dir: Path, options: BuildOptions | None = None) -> list[EngineRecord]:
     """Build (or reuse) one engine per graph of ``export_dir`` and record them in its manifest.
 
     Raises ``BackendError`` (bad export), ``TrtUnavailable`` (no TensorRT, bad targets) or
     ``BuildError`` (TensorRT refused a graph); each prints as one line.
     """
+    options = options or BuildOptions()
     export_dir = Path(export_dir)
-    manifest = read_manifest(export_dir)  # checks format, version and validation before any build
-    chosen = find_flavour(flavour)
-    profile = BatchProfile(min_batch, opt_batch, max_batch)
+    manifest = ExportManifest.read(export_dir)  # checks format, version and validation before any build
+    chosen = find_flavour(options.flavour)
     gpu = current_gpu()
-    wanted = [t.upper() for t in targets]
-    chosen.check_targets(tuple(wanted))
+    wanted = tuple(t.upper() for t in options.targets)
+    chosen.check_targets(wanted)
     if gpu is not None and not wanted:
         chosen.check_gpu(gpu.name, gpu.compute_capability)
-    manifest_path = export_dir / MANIFEST
     records = []
-    for graph in graphs:
-        source = graph_entry(manifest, export_dir, graph, precision)
-        onnx_path = export_dir / source["file"]
-        if not onnx_path.is_file() or sha256(onnx_path) != source["sha256"]:
+    for graph in options.graphs:
+        source = manifest.graph(graph, options.precision)
+        onnx_path = export_dir / source.file
+        if not onnx_path.is_file() or sha256(onnx_path) != source.sha256:
             raise BackendError(f"{onnx_path}: missing or its SHA-256 does not match {MANIFEST}; export again")
-        entry: dict[str, Any] = {
-            "graph": graph,
-            "file": engine_file(graph, precision),
-            "precision": precision,
-            "flavour": chosen.name,
-            "version": chosen.version,
-            "targets": wanted,
+        recipe = EngineRecipe(
+            graph=graph,
+            precision=options.precision,
+            file=engine_file(graph, options.precision),
+            flavour=chosen.name,
+            version=chosen.version,
+            targets=wanted,
             # TensorRT for RTX with no target named builds one engine for all its portable targets.
-            "portable": chosen.name == "rtx" and not wanted,
-            "gpu": asdict(gpu) if gpu is not None else None,
-            "profile": asdict(profile),
-            "onnx_sha256": source["sha256"],
-        }
-        entry["key"] = _key(entry)
-        raw = json.loads(manifest_path.read_text())  # re-read: the previous graph's entry is in it
-        engines = [e for e in raw.get("engines", []) if not _is(e, graph, precision)]
-        old = next((e for e in raw.get("engines", []) if _is(e, graph, precision)), None)
-        path = export_dir / entry["file"]
-        reason = "--rebuild" if rebuild else _stale(old, entry, export_dir)
+            portable=chosen.name == "rtx" and not wanted,
+            gpu=gpu,
+            profile=options.profile,
+            onnx_sha256=source.sha256,
+        )
+        old = manifest.find_engine(graph, options.precision)
+        path = export_dir / recipe.file
+        reason = "--rebuild" if options.rebuild else _stale(old, recipe, export_dir)
         if reason is None:
-            log.info("%s: unchanged (cache key %s), skipped", path.name, entry["key"][:12])
+            log.info("%s: unchanged (cache key %s), skipped", path.name, recipe.key[:12])
             records.append(EngineRecord(graph, path, "skipped", 0.0, path.stat().st_size, "unchanged"))
             continue
         if old is not None:
             log.warning("%s: rebuilding: %s", path.name, reason)
-        built = build_engine(chosen, onnx_path, profile, tuple(wanted), cache_dir=export_dir)
+        built = build_engine(chosen, onnx_path, options.profile, wanted, cache_dir=export_dir)
         write_atomic(path, lambda f, data=built.engine: f.write(data))
-        entry.update(sha256=sha256(path), seconds=round(built.seconds, 3))
-        raw["engines"] = [*engines, entry]
-        _write_json(manifest_path, raw)
+        manifest = manifest.with_engine(recipe.built(sha256(path), round(built.seconds, 3)))
+        manifest.write()
         records.append(EngineRecord(graph, path, "built", built.seconds, len(built.engine), reason))
     return records
 
@@ -175,14 +158,11 @@ def check_engine(
     process. ``gpu`` None skips the GPU checks (a build machine without one).
     """
     export_dir = Path(export_dir)
-    advice = REBUILD.format(dir=export_dir)
-    manifest = read_manifest(export_dir)
-    entry = next((e for e in manifest.get("engines", []) if _is(e, graph, precision)), None)
-    if entry is None:
-        raise BackendError(f"{export_dir / MANIFEST}: no {graph} {precision} engine recorded; {advice}")
-    path = export_dir / entry["file"]
-    built_with = f"{entry.get('flavour')} {entry.get('version')}"
-    if (entry.get("flavour"), entry.get("version")) != (flavour.name, flavour.version):
+    advice = REBUILD.format(folder=export_dir)
+    entry = ExportManifest.read(export_dir).engine(graph, precision)
+    path = export_dir / entry.file
+    built_with = f"{entry.flavour} {entry.version}"
+    if (entry.flavour, entry.version) != (flavour.name, flavour.version):
         raise BackendError(
             f"{path}: built with TensorRT {built_with}, installed is {flavour.name} {flavour.version}; "
             + advice
@@ -198,21 +178,20 @@ def check_engine(
                 f"{path}: built for {', '.join(allowed)}, this GPU ({gpu.name}) is "
                 f"{gpu.compute_capability}; {advice}"
             )
-    if not path.is_file() or sha256(path) != entry.get("sha256"):
+    if not path.is_file() or sha256(path) != entry.sha256:
         raise BackendError(f"{path}: missing, truncated or not the engine {MANIFEST} records; {advice}")
     if gpu is not None and hasattr(flavour.trt.Runtime, "get_engine_validity"):
         _check_validity(flavour, path, advice)
     return path
 
 
-def _runs_on(entry: dict[str, Any], flavour: Flavour) -> list[str]:
+def _runs_on(entry: EngineEntry, flavour: Flavour) -> list[str]:
     """The compute capabilities an engine was built for: its targets, all portable ones, or its GPU's."""
-    if entry.get("targets"):
-        return list(entry["targets"])
-    if entry.get("portable"):
+    if entry.targets:
+        return list(entry.targets)
+    if entry.portable:
         return list(flavour.portable_targets())
-    built_on = (entry.get("gpu") or {}).get("compute_capability")
-    return [built_on] if built_on else []
+    return [entry.gpu.compute_capability] if entry.gpu is not None else []
 
 
 def invalidity_reasons(flavour: Flavour, diagnostics: int) -> str:

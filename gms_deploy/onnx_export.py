@@ -28,45 +28,46 @@ against float64 PyTorch: 1.19e-3 with InstanceNormalization, 2.4e-5 with the two
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import tempfile
 import time
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import onnx
 import torch
 from torch import nn
 
-from gms_deploy.backends.base import EXPORT_MANIFEST
 from gms_deploy.bundle import ModelBundle, Settings
 from gms_deploy.errors import GmsError
+from gms_deploy.export_format import (
+    BATCH,
+    MANIFEST,
+    ExportManifest,
+    Fp16Conversion,
+    GraphFile,
+    Latent,
+    TensorSpec,
+    ValidationReport,
+    sha256,
+)
 from gms_deploy.model.gms import GMSModel
 from gms_deploy.preprocess import preprocess
 from gms_deploy.versions import installed
 
-if TYPE_CHECKING:
-    from gms_deploy.validate import ValidationReport
-
 log = logging.getLogger(__name__)
 
-MANIFEST = EXPORT_MANIFEST
-FORMAT = "gms-deploy-onnx"
-FORMAT_VERSION = 1
 OPSET = 17
 PRECISIONS = ("fp32", "fp16")
-BATCH = "batch"
 # protobuf cannot serialise a message of 2 GiB or more; keep a margin for the graph itself.
 EXTERNAL_DATA_BYTES = 2**31 - 2**26
 # Kept FP32 whatever the data range: normalisation statistics (GroupNorm is exported as
@@ -89,21 +90,6 @@ class ExportError(GmsError):
     """An export that cannot be written or that fails validation; ``str()`` is one line."""
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    """One graph input or output: B x channels x size x size float32, batch dynamic."""
-
-    name: str
-    channels: int
-    size: int
-
-    def shape(self, batch: int | str = BATCH) -> list[int | str]:
-        return [batch, self.channels, self.size, self.size]
-
-    def as_json(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": "float32", "shape": self.shape()}
-
-
 class Graph(ABC):
     """A network to export: its tensors and the eager ``GMSModel`` function it must reproduce."""
 
@@ -114,10 +100,11 @@ class Graph(ABC):
         config = model.vae.config
         factor = 2 ** (len(config.block_out_channels) - 1)
         self.model = model
-        self.image = TensorSpec("image", 3, image_size)
-        self.latent = TensorSpec("latent", config.latent_channels, image_size // factor)
-        self.mask_latent = TensorSpec("mask_latent", config.latent_channels, image_size // factor)
-        self.prob = TensorSpec("prob", 1, image_size)
+        self.latent_dims = Latent(config.latent_channels, image_size // factor)
+        self.image = TensorSpec.batched("image", 3, image_size)
+        self.latent = TensorSpec.batched("latent", self.latent_dims.channels, self.latent_dims.size)
+        self.mask_latent = TensorSpec.batched("mask_latent", self.latent_dims.channels, self.latent_dims.size)
+        self.prob = TensorSpec.batched("prob", 1, image_size)
 
     @property
     @abstractmethod
@@ -141,7 +128,7 @@ class TracedGraph(Graph):
 
     def export_fp32(self, path: Path, precise_norm: bool) -> None:
         """Trace to ``path``; ``precise_norm``: GroupNorm as a two-level mean, for the FP32 graphs."""
-        sample = torch.zeros(self.input.shape(1))
+        sample = torch.zeros((1, *self.input.shape[1:]))
         module = self.module()
         with (
             torch.inference_mode(False),
@@ -358,34 +345,40 @@ def file_name(graph: str, precision: str) -> str:
 
 
 @dataclass(frozen=True)
-class GraphFile:
-    """One written graph: what the manifest records about it."""
+class ExportOptions:
+    """How to export; the defaults are ``gms-deploy export`` without flags.
 
-    graph: str
-    precision: str
-    file: str
-    sha256: str
-    bytes: int
-    inputs: list[dict[str, Any]]
-    outputs: list[dict[str, Any]]
-    external_data: list[str] = field(default_factory=list)
+    ``calibration``: image or DICOM files whose first frames calibrate AutoCast and join the
+    validation (None: pydicom's ultrasound examples). ``data_max``: AutoCast keeps a node FP32 when
+    a calibration value at it exceeds this (512 is AutoCast's default: FP16's step there is 0.5).
+    """
+
+    precisions: tuple[str, ...] = PRECISIONS
+    calibration: Sequence[Path] | None = None
+    data_max: float = 512.0
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = set(self.precisions) - set(PRECISIONS)
+        if unknown or not self.precisions:
+            raise ExportError(
+                f"precisions must be among {', '.join(PRECISIONS)}, got {', '.join(self.precisions)}"
+            )
 
 
 @dataclass
 class ExportResult:
+    """What an export wrote, and what it was made from: validation compares the two."""
+
     out_dir: Path
     manifest: Path
-    graphs: list[GraphFile]
+    graphs: tuple[GraphFile, ...]
     seconds: dict[str, float]
+    model: GMSModel = field(repr=False)
+    """The eager model the graphs were traced from."""
+    frames: list[np.ndarray] = field(repr=False)
+    """The real frames (H x W x 3) that calibrated FP16."""
     validation: ValidationReport | None = None
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _weight_bytes(model: onnx.ModelProto) -> int:
@@ -459,7 +452,7 @@ def default_image_paths() -> list[Path]:
     return [Path(str(get_testdata_file(name))) for name in PYDICOM_ULTRASOUND]
 
 
-def real_images(paths: list[Path] | None = None, limit: int = 4) -> list[np.ndarray]:
+def real_images(paths: Sequence[Path] | None = None, limit: int = 4) -> list[np.ndarray]:
     """H x W x 3 RGB frames for calibration and validation: the first frame of each file, ``limit`` files.
 
     Defaults to ``default_image_paths()``.
@@ -494,35 +487,21 @@ def _record(graph: Graph, precision: str, path: Path, external: list[str]) -> Gr
         file=path.name,
         sha256=sha256(path),
         bytes=path.stat().st_size,
-        inputs=[graph.input.as_json()],
-        outputs=[graph.output.as_json()],
-        external_data=external,
+        inputs=(graph.input,),
+        outputs=(graph.output,),
+        external_data=tuple(external),
     )
 
 
-def export_model(
-    bundle: ModelBundle,
-    out_dir: Path,
-    precisions: tuple[str, ...] = PRECISIONS,
-    calibration: list[Path] | None = None,
-    data_max: float = 512.0,
-    validate: bool = True,
-    overwrite: bool = False,
-) -> ExportResult:
-    """Export every graph in every precision to ``out_dir``, write ``manifest.json``, then validate.
+def export_model(bundle: ModelBundle, out_dir: Path, options: ExportOptions | None = None) -> ExportResult:
+    """Export every graph in every precision to ``out_dir`` and write its manifest; not validated.
 
-    ``calibration``: image or DICOM files whose first frames calibrate AutoCast and join the
-    validation (default: pydicom's ultrasound examples). ``data_max``: AutoCast keeps a node FP32
-    when a calibration value at it exceeds this (512 is AutoCast's default: FP16's step there is
-    0.5). The manifest is written after every graph, so an interrupted export leaves no directory
-    that looks complete; a failed validation is recorded in it (runners refuse such an export) and
-    raised as ``ValidationError``, which carries the report.
+    The manifest is written after every graph, so an interrupted export leaves no directory that
+    looks complete. ``validate.run_export`` is the export command: this, then validation.
     """
-    unknown = set(precisions) - set(PRECISIONS)
-    if unknown or not precisions:
-        raise ExportError(f"precisions must be among {', '.join(PRECISIONS)}, got {', '.join(precisions)}")
+    options = options or ExportOptions()
     out_dir = Path(out_dir)
-    if (out_dir / MANIFEST).exists() and not overwrite:
+    if (out_dir / MANIFEST).exists() and not options.overwrite:
         raise ExportError(f"{out_dir}: already holds an export (overwrite replaces it)")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST).unlink(missing_ok=True)
@@ -531,10 +510,10 @@ def export_model(
     model = bundle.build()
     settings = bundle.settings
     specs = graph_specs(model, settings)
-    frames = real_images(calibration)
+    frames = real_images(options.calibration)
     images = image_batch(frames, settings.image_size)
     seconds: dict[str, float] = {}
-    written: dict[str, list[GraphFile]] = {p: [] for p in precisions}
+    written: dict[str, list[GraphFile]] = {p: [] for p in options.precisions}
     inputs = {"encoder": torch.from_numpy(images)}
     with torch.inference_mode():
         inputs["mapper"] = model.encode(inputs["encoder"])
@@ -544,7 +523,7 @@ def export_model(
         for spec in specs.values():
             if not isinstance(spec, TracedGraph):
                 continue
-            for precision in precisions:
+            for precision in options.precisions:
                 tick = time.perf_counter()
                 traced = Path(scratch) / f"{spec.name}_{precision}_traced.onnx"
                 spec.export_fp32(traced, precise_norm=precision == "fp32")
@@ -552,13 +531,13 @@ def export_model(
                 if precision == "fp32":
                     graph = onnx.load(str(traced))
                 else:
-                    graph = _to_fp16(traced, inputs[spec.name].numpy(), data_max)
+                    graph = _to_fp16(traced, inputs[spec.name].numpy(), options.data_max)
                 seconds[f"{spec.name} {precision}"] = time.perf_counter() - tick
                 target = out_dir / file_name(spec.name, precision)
                 written[precision].append(_record(spec, precision, target, save_graph(graph, target)))
     fused = specs["gms"]
     assert isinstance(fused, FusedGraph)
-    for precision in precisions:
+    for precision in options.precisions:
         parts = [onnx.load(str(out_dir / f.file)) for f in written[precision]]
         target = out_dir / file_name(fused.name, precision)
         external = save_graph(fused.compose(parts), target)
@@ -566,51 +545,24 @@ def export_model(
         written[precision].append(_record(fused, precision, target, external))
     seconds["export"] = time.perf_counter() - started
 
-    graphs = [g for precision in precisions for g in written[precision]]
-    manifest = out_dir / MANIFEST
-    _write_manifest(manifest, bundle, specs, graphs, data_max if "fp16" in precisions else None, len(frames))
-    result = ExportResult(out_dir, manifest, graphs, seconds)
-    if validate:
-        # Imported here: validation reads exports through the ONNX Runtime backend, which imports us.
-        from gms_deploy.validate import validate_export
-
-        tick = time.perf_counter()
-        result.validation = validate_export(out_dir, model, frames)
-        seconds["validate"] = time.perf_counter() - tick
-        data = json.loads(manifest.read_text())
-        data["validation"] = {"ok": result.validation.ok, "rows": [asdict(r) for r in result.validation.rows]}
-        manifest.write_text(json.dumps(data, indent=2) + "\n")
-        result.validation.raise_for_failures()
-    return result
-
-
-def _write_manifest(
-    path: Path,
-    bundle: ModelBundle,
-    specs: dict[str, Graph],
-    graphs: list[GraphFile],
-    data_max: float | None,
-    calibration_images: int,
-) -> None:
-    """``data_max`` None: no FP16 graphs, so no converter settings to record."""
-    encoder = specs["encoder"]
-    data: dict[str, Any] = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "model": bundle.name,
-        "settings": asdict(bundle.settings),
-        "latent": {"channels": encoder.latent.channels, "size": encoder.latent.size},
-        "opset": OPSET,
-        "versions": package_versions(),
-        "graphs": [asdict(g) for g in graphs],
-    }
-    if data_max is not None:
-        data["fp16"] = {
-            "converter": "modelopt.onnx.autocast",
-            "keep_io_types": True,
-            "op_types_kept_fp32": list(FP32_OP_TYPES),
-            "data_max": data_max,
-            "calibration_images": calibration_images,
-        }
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    graphs = tuple(g for precision in options.precisions for g in written[precision])
+    fp16 = Fp16Conversion(
+        converter="modelopt.onnx.autocast",
+        keep_io_types=True,
+        op_types_kept_fp32=FP32_OP_TYPES,
+        data_max=options.data_max,
+        calibration_images=len(frames),
+    )
+    manifest = ExportManifest(
+        folder=out_dir,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        model=bundle.name,
+        settings=settings,
+        latent=specs["encoder"].latent_dims,
+        opset=OPSET,
+        versions=package_versions(),
+        graphs=graphs,
+        fp16=fp16 if "fp16" in options.precisions else None,
+    )
+    manifest.write()
+    return ExportResult(out_dir, manifest.path, graphs, seconds, model, frames)

@@ -20,22 +20,37 @@ Pass criteria:
   through the fused graph's masks.
 ONNX Runtime's CPU provider runs AutoCast's FP16 graphs as they are (its FP16 kernels, or the
 graph's own Casts around FP32 ones), so the same file that TensorRT builds is the one checked.
+
+``run_export`` is the export command's library call: the export, then this check, whose verdict is
+recorded in the manifest. It lives here, downstream of both, so that neither imports the other.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from gms_deploy.backends.base import BackendError
-from gms_deploy.backends.onnxruntime import CPU, graph_entry, open_session, read_manifest
+from gms_deploy.backends.onnxruntime import CPU, open_session
+from gms_deploy.bundle import ModelBundle
+from gms_deploy.export_format import BackendError, ExportManifest, ValidationReport, ValidationRow
 from gms_deploy.model.gms import GMSModel
-from gms_deploy.onnx_export import ExportError, FusedGraph, Graph, TracedGraph, graph_specs, image_batch
+from gms_deploy.onnx_export import (
+    ExportError,
+    ExportOptions,
+    ExportResult,
+    FusedGraph,
+    Graph,
+    TracedGraph,
+    export_model,
+    graph_specs,
+    image_batch,
+)
 
 FP32_MAX_ABS = 1e-3
 FP16_MIN_DICE = 0.99
@@ -48,55 +63,14 @@ class ValidationError(ExportError):
     def __init__(self, message: str, report: ValidationReport | None = None) -> None:
         super().__init__(message)
         self.report = report
+        self.details = report.table() if report is not None else None
 
 
-@dataclass(frozen=True)
-class ValidationRow:
-    graph: str
-    precision: str
-    inputs: str
-    max_abs: float
-    max_rel: float
-    dice: float | None
-    finite: bool
-    ok: bool
-    note: str = ""
-
-
-@dataclass
-class ValidationReport:
-    rows: list[ValidationRow] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return all(row.ok for row in self.rows)
-
-    def table(self) -> str:
-        header = ("graph", "precision", "inputs", "max abs", "max rel", "mask Dice", "finite", "result")
-        lines = [
-            (
-                r.graph,
-                r.precision,
-                r.inputs,
-                f"{r.max_abs:.2e}",
-                f"{r.max_rel:.2e}",
-                "-" if r.dice is None else f"{r.dice:.4f}",
-                "yes" if r.finite else "NO",
-                ("ok" if r.ok else "FAIL") + (f" ({r.note})" if r.note else ""),
-            )
-            for r in self.rows
-        ]
-        widths = [max(len(str(c)) for c in column) for column in zip(header, *lines, strict=True)]
-        return "\n".join(
-            "  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
-            for line in (header, *lines)
-        )
-
-    def raise_for_failures(self) -> None:
-        failed = [r for r in self.rows if not r.ok]
-        if failed:
-            what = "; ".join(f"{r.graph} {r.precision} on {r.inputs} images: {r.note}" for r in failed)
-            raise ValidationError(f"exported graphs do not match eager PyTorch: {what}", self)
+def raise_for_failures(report: ValidationReport) -> None:
+    failed = [r for r in report.rows if not r.ok]
+    if failed:
+        what = "; ".join(f"{r.graph} {r.precision} on {r.inputs} images: {r.note}" for r in failed)
+        raise ValidationError(f"exported graphs do not match eager PyTorch: {what}", report)
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -178,11 +152,10 @@ def _run(session: Any, spec: Graph, x: np.ndarray, layerwise: bool) -> tuple[np.
 
 
 def validate_export(
-    export_dir: Path, model: GMSModel, real: list[np.ndarray], random_images: int = 2, seed: int = 0
+    manifest: ExportManifest, model: GMSModel, real: list[np.ndarray], random_images: int = 2, seed: int = 0
 ) -> ValidationReport:
-    """Check every graph of ``export_dir`` against ``model`` on random and ``real`` (H x W x 3) images."""
-    manifest = read_manifest(export_dir)
-    settings = manifest["settings"]
+    """Check every graph ``manifest`` lists against ``model`` on random and ``real`` (H x W x 3) images."""
+    settings = manifest.settings
     size = settings.image_size
     specs = graph_specs(model, settings)
     rng = np.random.default_rng(seed)
@@ -191,23 +164,36 @@ def validate_export(
         "real": image_batch(real, size),
     }
     eager = {inputs: _eager_pairs(specs, images) for inputs, images in image_sets.items()}
-    report = ValidationReport()
-    for entry in manifest["graphs"]:
-        spec = specs[entry["graph"]]
-        precision = entry["precision"]
-        layerwise = precision == "fp16"
+    rows = []
+    for entry in manifest.graphs:
+        spec = specs[entry.graph]
+        layerwise = entry.precision == "fp16"
         try:
-            session = open_session(
-                export_dir,
-                graph_entry(manifest, export_dir, spec.name, precision),
-                settings,
-                [CPU],
-                layerwise,
-            )
+            session = open_session(manifest, entry, [CPU], layerwise)
         except BackendError as err:
             raise ValidationError(str(err)) from None
         for inputs in image_sets:
             x, ref = eager[inputs][spec.name]
             got, bad = _run(session, spec, x, layerwise)
-            report.rows.append(_judge(spec, precision, inputs, got, ref, bad, settings.threshold))
-    return report
+            rows.append(_judge(spec, entry.precision, inputs, got, ref, bad, settings.threshold))
+    return ValidationReport(tuple(rows))
+
+
+def run_export(
+    bundle: ModelBundle, out_dir: Path, options: ExportOptions | None = None, *, validate: bool = True
+) -> ExportResult:
+    """``export_model``, then (``validate``) every graph against eager PyTorch, its verdict in the manifest.
+
+    A failed validation is recorded too, so that every runner refuses the export, and then raised as
+    a ``ValidationError`` that carries the report.
+    """
+    result = export_model(bundle, out_dir, options)
+    if not validate:
+        return result
+    tick = time.perf_counter()
+    manifest = ExportManifest.read(result.out_dir)
+    result.validation = validate_export(manifest, result.model, result.frames)
+    result.seconds["validate"] = time.perf_counter() - tick
+    replace(manifest, validation=result.validation).write()
+    raise_for_failures(result.validation)
+    return result

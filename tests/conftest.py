@@ -79,10 +79,10 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> ModelBundle:
 @pytest.fixture(scope="session")
 def tiny_onnx(tiny_bundle: ModelBundle, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An FP32 export of ``tiny_bundle`` (unvalidated: the export tests validate)."""
-    from gms_deploy.onnx_export import export_model
+    from gms_deploy.onnx_export import ExportOptions, export_model
 
     out = tmp_path_factory.mktemp("tiny-onnx")
-    export_model(tiny_bundle, out, precisions=("fp32",), validate=False, overwrite=True)
+    export_model(tiny_bundle, out, ExportOptions(precisions=("fp32",), overwrite=True))
     return out
 
 

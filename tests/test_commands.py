@@ -104,7 +104,7 @@ def test_train_takes_a_bundle_or_a_vae(tiny_bundle: ModelBundle, one_thread: Non
             ],
             "needs a CUDA GPU",
         ),
-        (["bench", "--model", "{export}", "--device", "cpu"], "needs the weights"),
+        (["bench", "--model", "{export}", "--device", "cpu"], "bench needs a model's weights"),
         (["bundle", "--out", "{out}", "--model", "{export}"], "bundle needs a model's weights"),
         (
             ["infer", str(IMAGE), "--out", "{out}", "--device", "tpu"],

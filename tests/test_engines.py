@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +23,19 @@ import torch
 from test_export import cli
 
 from gms_deploy.backends import BackendError, open_runner
-from gms_deploy.backends.onnxruntime import read_manifest
 from gms_deploy.bundle import ModelBundle
 from gms_deploy.cli import app
-from gms_deploy.engines import GRAPHS, EngineRecord, GpuInfo, build_engines, check_engine, invalidity_reasons
-from gms_deploy.onnx_export import MANIFEST, export_model, sha256
+from gms_deploy.engines import (
+    GRAPHS,
+    BuildOptions,
+    EngineRecord,
+    GpuInfo,
+    build_engines,
+    check_engine,
+    invalidity_reasons,
+)
+from gms_deploy.export_format import MANIFEST, BatchProfile, ExportManifest, sha256
+from gms_deploy.onnx_export import export_model
 from gms_deploy.trt import Flavour, TrtUnavailable, find_flavour
 from gms_deploy.trt.flavour import ANY_GPU
 
@@ -35,7 +44,7 @@ pytest.importorskip(
 )
 
 TARGETS = ("SM86",)
-BUILD = {"flavour": "rtx", "max_batch": 2, "targets": TARGETS}
+BUILD = BuildOptions(flavour="rtx", profile=BatchProfile(max=2), targets=TARGETS)
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the GPU-less path")
 
 
@@ -50,8 +59,8 @@ def first_build(
 ) -> tuple[Path, list[EngineRecord]]:
     """Every FP16 engine of an export of the tiny model (FP32 and FP16, unvalidated)."""
     root = tmp_path_factory.mktemp("engines") / "export"
-    export_model(tiny_bundle, root, validate=False)
-    return root, build_engines(root, **BUILD)  # type: ignore[arg-type]
+    export_model(tiny_bundle, root)
+    return root, build_engines(root, BUILD)
 
 
 @pytest.fixture
@@ -91,7 +100,7 @@ def test_every_engine_is_built_and_recorded(
 def test_unchanged_build_is_skipped(built: Path, caplog: pytest.LogCaptureFixture) -> None:
     before = engines(built)
     with caplog.at_level(logging.INFO, "gms_deploy"):
-        records = build_engines(built, **BUILD)  # type: ignore[arg-type]
+        records = build_engines(built, BUILD)
     assert {r.status for r in records} == {"skipped"}
     assert "skipped" in caplog.text
     assert engines(built) == before
@@ -106,7 +115,7 @@ def test_changed_onnx_rebuilds_only_that_engine(built: Path, caplog: pytest.LogC
     next(g for g in manifest["graphs"] if g["file"] == path.name)["sha256"] = sha256(path)
     (built / MANIFEST).write_text(json.dumps(manifest))
     with caplog.at_level(logging.INFO, "gms_deploy"):
-        records = build_engines(built, **BUILD)  # type: ignore[arg-type]
+        records = build_engines(built, BUILD)
     assert {r.graph: r.status for r in records} == {
         "encoder": "skipped",
         "mapper": "built",
@@ -118,10 +127,9 @@ def test_changed_onnx_rebuilds_only_that_engine(built: Path, caplog: pytest.LogC
 
 
 def test_rebuild_forces_and_other_targets_invalidate(built: Path) -> None:
-    (forced,) = build_engines(built, **BUILD, rebuild=True, graphs=("mapper",))  # type: ignore[arg-type]
+    (forced,) = build_engines(built, replace(BUILD, rebuild=True, graphs=("mapper",)))
     assert (forced.status, forced.reason) == ("built", "--rebuild")
-    other = {**BUILD, "targets": ("SM89",)}
-    (retarget,) = build_engines(built, **other, graphs=("mapper",))  # type: ignore[arg-type]
+    (retarget,) = build_engines(built, replace(BUILD, targets=("SM89",), graphs=("mapper",)))
     assert (retarget.status, retarget.reason) == ("built", "targets changed since the last build")
     assert engines(built)["mapper"]["targets"] == ["SM89"]
 
@@ -129,7 +137,7 @@ def test_rebuild_forces_and_other_targets_invalidate(built: Path) -> None:
 def test_onnx_not_matching_its_manifest_is_refused(built: Path) -> None:
     (built / "decoder_fp16.onnx").write_bytes(b"not onnx")
     with pytest.raises(BackendError, match="SHA-256 does not match"):
-        build_engines(built, **BUILD, graphs=("decoder",))  # type: ignore[arg-type]
+        build_engines(built, replace(BUILD, graphs=("decoder",)))
 
 
 def test_check_passes_for_a_good_engine(built: Path, rtx: Flavour) -> None:
@@ -187,7 +195,9 @@ def test_a_gpu_tensorrt_for_rtx_has_no_target_for_is_refused_up_front(built: Pat
 
 def test_a_portable_build_is_recorded_as_portable(built: Path, rtx: Flavour) -> None:
     """No --target-cc: one engine for Ampere and later, not for the build machine's GPU (it has none)."""
-    (record,) = build_engines(built, flavour="rtx", max_batch=2, graphs=("mapper",))
+    (record,) = build_engines(
+        built, BuildOptions(flavour="rtx", profile=BatchProfile(max=2), graphs=("mapper",))
+    )
     assert record.status == "built"
     entry = engines(built)["mapper"]
     assert entry["portable"] is True and entry["targets"] == [] and entry["gpu"] is None
@@ -224,10 +234,10 @@ def test_tensorrt_runner_matches_onnxruntime_on_a_gpu(
     target = "SM{}{}".format(*torch.cuda.get_device_capability())
     if target not in rtx.compute_capabilities():
         monkeypatch.setenv(ANY_GPU, "1")
-    size = read_manifest(built)["settings"].image_size
+    size = ExportManifest.read(built).settings.image_size
     images = np.random.default_rng(0).uniform(-1, 1, (3, 3, size, size)).astype(np.float32)
     try:
-        build_engines(built, flavour="rtx", max_batch=2)
+        build_engines(built, BuildOptions(flavour="rtx", profile=BatchProfile(max=2)))
         runner = open_runner("tensorrt", built, device="cuda")
         for _ in range(3):  # warm-up, CUDA graph capture, replay
             prob = runner(images)

@@ -20,16 +20,9 @@ from gms_deploy import onnx_export, validate
 from gms_deploy.backends import BackendError, open_runner
 from gms_deploy.bundle import ModelBundle, Settings
 from gms_deploy.cli import app
-from gms_deploy.onnx_export import (
-    FORMAT_VERSION,
-    FP32_OP_TYPES,
-    MANIFEST,
-    ExportError,
-    ExportResult,
-    export_model,
-    sha256,
-)
-from gms_deploy.validate import ValidationError
+from gms_deploy.export_format import FORMAT_VERSION, MANIFEST, sha256
+from gms_deploy.onnx_export import FP32_OP_TYPES, ExportError, ExportOptions, ExportResult, export_model
+from gms_deploy.validate import ValidationError, run_export
 
 # 128-wide at 64 x 64 keeps the session's test time near a minute for that export; the 224 x 224
 # figure is measured by hand (see the README) since it does not change what the graphs contain.
@@ -62,7 +55,7 @@ def exported(
         else:
             bundle, calibration = random_full_size(root / "src", SD_IMAGE_SIZE), None
         try:
-            _EXPORTS[which] = export_model(bundle, root / "onnx", calibration=calibration)
+            _EXPORTS[which] = run_export(bundle, root / "onnx", ExportOptions(calibration=calibration))
         except Exception as err:  # kept, so the tests sharing it fail at once instead of exporting again
             _EXPORTS[which] = err
     done = _EXPORTS[which]
@@ -170,7 +163,7 @@ def test_validation_fails_loudly_and_the_export_is_refused(
 ) -> None:
     monkeypatch.setattr(validate, "FP32_MAX_ABS", 0.0)
     with pytest.raises(ValidationError, match="fp32 on random images: max abs") as caught:
-        export_model(tiny_bundle, tmp_path / "onnx", precisions=("fp32",))
+        run_export(tiny_bundle, tmp_path / "onnx", ExportOptions(precisions=("fp32",)))
     assert caught.value.report is not None and not caught.value.report.ok
     with pytest.raises(BackendError, match="failed validation"):
         open_runner("onnxruntime", tmp_path / "onnx")
@@ -180,20 +173,20 @@ def test_external_data_past_the_size_limit(
     tiny_bundle: ModelBundle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
-    result = export_model(tiny_bundle, tmp_path / "onnx", precisions=("fp32",))
+    result = run_export(tiny_bundle, tmp_path / "onnx", ExportOptions(precisions=("fp32",)))
     gms = next(g for g in result.graphs if g.graph == "gms")
-    assert gms.external_data == ["gms_fp32.onnx.data"]
+    assert list(gms.external_data) == ["gms_fp32.onnx.data"]
     assert (tmp_path / "onnx" / "gms_fp32.onnx.data").stat().st_size > 0
     runner = open_runner("onnxruntime", tmp_path / "onnx")
     assert runner(np.zeros((1, 3, 32, 32), np.float32)).shape == (1, 32, 32)
 
 
 def test_existing_export_is_kept_unless_overwrite(tiny_bundle: ModelBundle, tmp_path: Path) -> None:
-    export_model(tiny_bundle, tmp_path, precisions=("fp32",), validate=False)
+    export_model(tiny_bundle, tmp_path, ExportOptions(precisions=("fp32",)))
     with pytest.raises(ExportError, match="already holds an export"):
-        export_model(tiny_bundle, tmp_path, precisions=("fp32",), validate=False)
+        export_model(tiny_bundle, tmp_path, ExportOptions(precisions=("fp32",)))
     with pytest.raises(ExportError, match="precisions"):
-        export_model(tiny_bundle, tmp_path, precisions=("int8",), overwrite=True)
+        export_model(tiny_bundle, tmp_path, ExportOptions(precisions=("int8",), overwrite=True))
 
 
 def test_cli_export_prints_the_table(tiny_bundle: ModelBundle, tmp_path: Path) -> None:

@@ -19,8 +19,8 @@ from gms_deploy.backends import BackendError, ModelSource, open_runner
 from gms_deploy.backends.onnxruntime import OnnxRuntimeRunner
 from gms_deploy.bundle import ModelBundle
 from gms_deploy.cli import app
+from gms_deploy.export_format import MANIFEST, ExportManifest, sha256
 from gms_deploy.io.images import read_image
-from gms_deploy.onnx_export import MANIFEST, sha256
 from gms_deploy.preprocess import preprocess
 from gms_deploy.validate import dice
 
@@ -165,29 +165,29 @@ def test_a_provider_that_did_not_load_is_refused_not_run_on_the_cpu(tiny_onnx: P
     """
     import onnxruntime as ort
 
-    from gms_deploy.backends.onnxruntime import CPU, CUDA, graph_entry, open_session, read_manifest
+    from gms_deploy.backends.onnxruntime import CPU, CUDA, open_session
 
-    manifest = read_manifest(tiny_onnx)
-    entry = graph_entry(manifest, tiny_onnx, "gms", "fp32")
+    manifest = ExportManifest.read(tiny_onnx)
+    entry = manifest.graph("gms", "fp32")
     if CUDA in ort.get_available_providers():
         pytest.skip("this onnxruntime has a CUDA provider")
     with pytest.raises(BackendError, match=f"did not load {CUDA}.*would run on {CPU}") as caught:
-        open_session(tiny_onnx, entry, manifest["settings"], [(CUDA, {"device_id": 0}), CPU])
+        open_session(manifest, entry, [(CUDA, {"device_id": 0}), CPU])
     assert "\n" not in str(caught.value)
-    assert open_session(tiny_onnx, entry, manifest["settings"], [CPU]).get_providers() == [CPU]
+    assert open_session(manifest, entry, [CPU]).get_providers() == [CPU]
 
 
 def test_sessions_take_the_process_thread_budget(tiny_onnx: Path) -> None:
     """``bench --threads`` gives PyTorch and ONNX Runtime the same budget, and ``infer`` keeps one too."""
-    from gms_deploy.backends.onnxruntime import CPU, graph_entry, open_session, read_manifest
+    from gms_deploy.backends.onnxruntime import CPU, open_session
 
-    manifest = read_manifest(tiny_onnx)
-    entry = graph_entry(manifest, tiny_onnx, "gms", "fp32")
+    manifest = ExportManifest.read(tiny_onnx)
+    entry = manifest.graph("gms", "fp32")
     held = torch.get_num_threads()
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            session = open_session(tiny_onnx, entry, manifest["settings"], [CPU])
+            session = open_session(manifest, entry, [CPU])
             assert session.get_session_options().intra_op_num_threads == threads
     finally:
         torch.set_num_threads(held)

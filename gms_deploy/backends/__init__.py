@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from gms_deploy.backends.base import BackendError, DeviceRunner, Runner
 from gms_deploy.backends.source import ModelSource
+from gms_deploy.bundle import ModelBundle
 from gms_deploy.devices import parse_device
 
 
@@ -73,7 +74,7 @@ def backend_spec(name: str) -> BackendSpec:
 
 def open_runner(
     backend: str,
-    source: ModelSource | Path | None = None,
+    source: ModelSource | ModelBundle | Path | None = None,
     device: str = "cpu",
     precision: str | None = None,
 ) -> Runner:
@@ -93,7 +94,7 @@ def open_runner(
 
 
 def open_auto(
-    source: ModelSource | Path | None = None, device: str = "auto", precision: str | None = None
+    source: ModelSource | ModelBundle | Path | None = None, device: str = "auto", precision: str | None = None
 ) -> tuple[Runner, str]:
     """The fastest backend that opens here, and one line saying which and why the faster ones did not.
 
@@ -110,7 +111,7 @@ def open_auto(
         if not on_gpu and (spec.gpu_only or not spec.auto_on_cpu):
             passed.append(f"{spec.name}: needs a CUDA GPU, device is {chosen}")
             continue
-        if (spec.runs == "export") != (source.bundle is None):
+        if (spec.runs == "export") != source.exported:
             passed.append(f"{spec.name}: runs {'an export folder' if spec.runs == 'export' else 'weights'}")
             continue
         for where in dict.fromkeys((chosen, "cpu") if spec.cpu_fallback else (chosen,)):

@@ -13,20 +13,17 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import torch
 
-from gms_deploy.bundle import Settings
-from gms_deploy.errors import GmsError
+from gms_deploy.errors import BackendError
 
-# What marks a `gms-deploy export` folder; here so that choosing a backend needs no onnx import.
-EXPORT_MANIFEST = "manifest.json"
+if TYPE_CHECKING:
+    from gms_deploy.settings import Settings
 
-
-class BackendError(GmsError):
-    """A backend that cannot run here or cannot load its model; ``str()`` is one line."""
+__all__ = ["BackendError", "DeviceRunner", "Runner"]
 
 
 class Runner(ABC):

@@ -9,8 +9,6 @@ naming the file and the problem rather than a stack trace from inside onnxruntim
 
 from __future__ import annotations
 
-import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -18,124 +16,48 @@ import numpy as np
 import onnx
 import torch
 
-from gms_deploy.backends.base import BackendError, Runner
-from gms_deploy.bundle import Settings
+from gms_deploy.backends.base import Runner
+from gms_deploy.export_format import MANIFEST, BackendError, ExportManifest, GraphFile, sha256
 from gms_deploy.messages import one_line
-from gms_deploy.onnx_export import FORMAT, FORMAT_VERSION, MANIFEST, sha256
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
-
-
-def read_manifest(export_dir: Path) -> dict[str, Any]:
-    """The export's ``manifest.json``, checked to be one this version of gms-deploy can read."""
-    path = Path(export_dir) / MANIFEST
-    if not path.is_file():
-        raise BackendError(f"{path}: missing; is {export_dir} a gms-deploy export directory?")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise BackendError(f"{path}: unreadable manifest ({err})") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise BackendError(f"{path}: not a gms-deploy ONNX export manifest")
-    if data.get("format_version") != FORMAT_VERSION:
-        raise BackendError(
-            f"{path}: written in export format version {data.get('format_version')!r}, this gms-deploy "
-            f"reads version {FORMAT_VERSION}; export the model again"
-        )
-    opset = data.get("opset")
-    if not isinstance(opset, int) or opset > onnx.defs.onnx_opset_version():
-        raise BackendError(
-            f"{path}: needs ONNX opset {opset}, the installed onnx {onnx.__version__} reads up to "
-            f"{onnx.defs.onnx_opset_version()}"
-        )
-    _check_fields(data, path)
-    if not data.get("validation", {}).get("ok", True):
-        raise BackendError(f"{path}: this export failed validation against PyTorch (see its 'validation')")
-    try:
-        data["settings"] = Settings(**data["settings"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise BackendError(f"{path}: invalid settings ({err})") from None
-    return data
-
-
-# What every reader of a manifest takes for granted, field by field, so that a hand-edited or
-# damaged manifest ends in one line here instead of a TypeError deep in a backend or the builder.
-GRAPH_FIELDS = {"graph": str, "precision": str, "file": str, "sha256": str, "inputs": list, "outputs": list,
-                "external_data": list}  # fmt: skip
-TENSOR_FIELDS = {"name": str, "shape": list}
-ENGINE_FIELDS = {"graph": str, "precision": str, "file": str, "sha256": str, "flavour": str, "version": str,
-                 "targets": list, "gpu": (dict, type(None)), "profile": dict, "onnx_sha256": str}  # fmt: skip
-FILE_NAME = re.compile(r"[\w.+-]+")
-
-
-def _check_fields(data: dict[str, Any], path: Path) -> None:
-    """Types of the entries each reader uses, and file names that stay inside the export folder."""
-    if not isinstance(data.get("validation", {}), dict):
-        raise BackendError(f"{path}: 'validation' is not an object")
-    for key, fields in (("graphs", GRAPH_FIELDS), ("engines", ENGINE_FIELDS)):
-        entries = data.get(key, [])
-        if not isinstance(entries, list):
-            raise BackendError(f"{path}: '{key}' is not a list")
-        for i, entry in enumerate(entries):
-            where = f"{path}: {key}[{i}]"
-            _check_types(entry, fields, where)
-            if key == "graphs":
-                for j, tensor in enumerate((*entry["inputs"], *entry["outputs"])):
-                    _check_types(tensor, TENSOR_FIELDS, f"{where} tensor {j}")
-            elif not all(isinstance(target, str) for target in entry["targets"]):
-                raise BackendError(f"{where}: 'targets' holds a non-string")
-            for name in (entry["file"], *entry.get("external_data", [])):
-                if not (isinstance(name, str) and FILE_NAME.fullmatch(name) and name.strip(".")):
-                    raise BackendError(f"{where}: {name!r} is not the name of a file in the export folder")
-
-
-def _check_types(entry: object, fields: dict[str, type | tuple[type, ...]], where: str) -> None:
-    if not isinstance(entry, dict):
-        raise BackendError(f"{where} is not an object")
-    for field, kind in fields.items():
-        if not isinstance(entry.get(field), kind):
-            raise BackendError(f"{where}: '{field}' is missing or of the wrong type")
-
-
-def graph_entry(manifest: dict[str, Any], export_dir: Path, graph: str, precision: str) -> dict[str, Any]:
-    for entry in manifest.get("graphs", []):
-        if entry.get("graph") == graph and entry.get("precision") == precision:
-            return entry
-    present = ", ".join(f"{e.get('graph')} {e.get('precision')}" for e in manifest.get("graphs", []))
-    raise BackendError(
-        f"{Path(export_dir) / MANIFEST}: lists no {graph} graph in {precision} (it has: {present or 'none'})"
-    )
 
 
 def _dims(value: onnx.ValueInfoProto) -> list[int | str]:
     return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
 
 
-def _check_file(export_dir: Path, entry: dict[str, Any], settings: Settings) -> Path:
-    """Hash, ONNX structure and tensor shapes of one graph against its manifest entry."""
-    path = Path(export_dir) / entry["file"]
-    for name in (entry["file"], *entry.get("external_data", [])):
-        if not (Path(export_dir) / name).is_file():
-            raise BackendError(f"{Path(export_dir) / name}: missing (listed in {MANIFEST})")
-    if sha256(path) != entry["sha256"]:
+def _check_file(manifest: ExportManifest, entry: GraphFile) -> Path:
+    """Opset, hash, ONNX structure and tensor shapes of one graph against its manifest entry."""
+    newest = onnx.defs.onnx_opset_version()
+    if manifest.opset > newest:
+        raise BackendError(
+            f"{manifest.path}: needs ONNX opset {manifest.opset}, the installed onnx {onnx.__version__} "
+            f"reads up to {newest}"
+        )
+    path = manifest.folder / entry.file
+    for name in (entry.file, *entry.external_data):
+        if not (manifest.folder / name).is_file():
+            raise BackendError(f"{manifest.folder / name}: missing (listed in {MANIFEST})")
+    if sha256(path) != entry.sha256:
         raise BackendError(f"{path}: SHA-256 does not match {MANIFEST}; the file changed after export")
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as err:  # protobuf raises DecodeError, onnx raises its own; both mean corrupt
         raise BackendError(f"{path}: corrupt ONNX ({type(err).__name__})") from None
     actual = {v.name: _dims(v) for v in (*model.graph.input, *model.graph.output)}
-    for tensor in (*entry["inputs"], *entry["outputs"]):
-        if actual.get(tensor["name"]) != tensor["shape"]:
+    for tensor in (*entry.inputs, *entry.outputs):
+        if actual.get(tensor.name) != list(tensor.shape):
             raise BackendError(
-                f"{path}: tensor {tensor['name']} is {actual.get(tensor['name'])}, "
-                f"{MANIFEST} says {tensor['shape']}"
+                f"{path}: tensor {tensor.name} is {actual.get(tensor.name)}, "
+                f"{MANIFEST} says {list(tensor.shape)}"
             )
-    size = settings.image_size
-    for tensor in entry["inputs"]:
-        if tensor["name"] == "image" and tensor["shape"][2:] != [size, size]:
+    size = manifest.settings.image_size
+    for tensor in entry.inputs:
+        if tensor.name == "image" and tensor.shape[2:] != (size, size):
             raise BackendError(
-                f"{path}: takes {tensor['shape'][2]} x {tensor['shape'][3]} images, but the model's "
+                f"{path}: takes {tensor.shape[2]} x {tensor.shape[3]} images, but the model's "
                 f"image size is {size}"
             )
     return path
@@ -159,19 +81,15 @@ def providers_for(device: str) -> list[Any]:
 
 
 def open_session(
-    export_dir: Path,
-    entry: dict[str, Any],
-    settings: Settings,
-    providers: list[Any],
-    all_outputs: bool = False,
+    manifest: ExportManifest, entry: GraphFile, providers: list[Any], all_outputs: bool = False
 ) -> Any:
-    """A verified ``InferenceSession`` for one manifest entry.
+    """A verified ``InferenceSession`` for one graph of ``manifest``.
 
     ``all_outputs`` also returns every intermediate tensor (the layer-by-layer check in validation).
     """
     import onnxruntime as ort
 
-    path = _check_file(export_dir, entry, settings)
+    path = _check_file(manifest, entry)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     # One thread budget for every backend in the process, so that a benchmark compares like with like.
@@ -210,20 +128,20 @@ class OnnxRuntimeRunner(Runner):
         import onnxruntime as ort
 
         self.export_dir = Path(export_dir)
-        manifest = read_manifest(self.export_dir)
-        self.settings = manifest["settings"]
-        self.model_name = str(manifest.get("model", self.export_dir.name))
+        manifest = ExportManifest.read(self.export_dir)
+        self.settings = manifest.settings
+        self.model_name = manifest.model
         if precision is None:
             precision = "fp16" if device.startswith("cuda") else "fp32"
-            available = {e.get("precision") for e in manifest.get("graphs", []) if e.get("graph") == "gms"}
+            available = {g.precision for g in manifest.graphs if g.graph == "gms"}
             if precision not in available and available:
                 precision = sorted(available)[0]
         self.precision = precision
         providers = providers_for(device)
-        entry = graph_entry(manifest, self.export_dir, "gms", precision)
-        self.session = open_session(self.export_dir, entry, self.settings, providers)
+        entry = manifest.graph("gms", precision)
+        self.session = open_session(manifest, entry, providers)
         self.provider = self.session.get_providers()[0]
-        self.input_name = entry["inputs"][0]["name"]
+        self.input_name = entry.inputs[0].name
         self.version = ort.__version__
 
     @property

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from gms_deploy.backends.base import BackendError, DeviceRunner
-from gms_deploy.backends.onnxruntime import read_manifest
+from gms_deploy.backends.base import DeviceRunner
+from gms_deploy.export_format import BackendError, ExportManifest
 
 if TYPE_CHECKING:
     from gms_deploy.trt.engine import Engine
@@ -38,18 +38,18 @@ class TensorRTRunner(DeviceRunner):
         from gms_deploy.trt import TrtUnavailable, find_flavour
 
         self.export_dir = Path(export_dir)
-        manifest = read_manifest(self.export_dir)
-        self.settings = manifest["settings"]
-        self.model_name = str(manifest.get("model", self.export_dir.name))
+        manifest = ExportManifest.read(self.export_dir)
+        self.settings = manifest.settings
+        self.model_name = manifest.model
         if not torch.cuda.is_available():
             raise BackendError("--backend tensorrt needs a CUDA GPU, and PyTorch sees no GPU here")
         kind, _, index = device.partition(":")
         if kind not in ("cpu", "cuda") or (index and not index.isdigit()):
             raise BackendError(f"--device {device}: expected cuda[:N]")
         self.device = torch.device("cuda", int(index or 0))
-        entry = next((e for e in manifest.get("engines", []) if e.get("graph") == GRAPH), None)
+        entry = manifest.find_engine(GRAPH, precision)
         try:
-            flavour = find_flavour(entry["flavour"] if entry else "auto")
+            flavour = find_flavour(entry.flavour if entry else "auto")
         except TrtUnavailable as err:
             raise BackendError(str(err)) from None
         self.flavour, self.precision = flavour, precision

@@ -13,19 +13,10 @@ from pathlib import Path
 
 import torch
 
-from gms_deploy.errors import GmsError
+from gms_deploy.errors import CheckpointError
 from gms_deploy.messages import first_line, preview
 
 WRAPPER_KEYS = ("state_dict", "model", "module")
-
-
-class CheckpointError(GmsError):
-    """A checkpoint that cannot be used. ``str()`` is one line naming the file and the problem."""
-
-    def __init__(self, path: Path | str, problem: str) -> None:
-        self.path = Path(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -14,21 +14,10 @@ import torch
 from diffusers import AutoencoderKL
 from torch import nn
 
-from gms_deploy.errors import UsageError
 from gms_deploy.model.mapper import LatentMapper
+from gms_deploy.settings import SCALE_FACTOR
 
-SCALE_FACTOR = 0.18215
 LOGVAR_RANGE = (-30.0, 20.0)
-# Network input sizes: the VAE halves the image three times, and the mid-block attention over
-# (size / 8)^2 latent positions grows as size^4 (at 2048, a 64 K x 64 K score matrix), so a
-# larger size is a typo or a hostile file, not a model anyone can run.
-MAX_IMAGE_SIZE = 2048
-
-
-def check_image_size(size: int) -> None:
-    """Refuse a network input size the model cannot take, before any frame or file is touched."""
-    if isinstance(size, bool) or not isinstance(size, int) or not 8 <= size <= MAX_IMAGE_SIZE or size % 8:
-        raise UsageError(f"image_size must be a multiple of 8 from 8 to {MAX_IMAGE_SIZE}, got {size!r}")
 
 
 class GMSModel(nn.Module):

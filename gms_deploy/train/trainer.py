@@ -32,7 +32,7 @@ from gms_deploy.devices import torch_device
 from gms_deploy.errors import UsageError
 from gms_deploy.io.outputs import write_atomic
 from gms_deploy.metrics import dice
-from gms_deploy.model.gms import SCALE_FACTOR, GMSModel, check_image_size
+from gms_deploy.model.gms import GMSModel
 from gms_deploy.model.mapper import (
     HEADS,
     LatentMapper,
@@ -42,6 +42,7 @@ from gms_deploy.model.mapper import (
     save_mapper,
 )
 from gms_deploy.model.vae import load_vae
+from gms_deploy.settings import SCALE_FACTOR, check_image_size
 from gms_deploy.train.data import SegmentationDataset, Split, find_split
 from gms_deploy.train.losses import LossTerms, gms_loss
 from gms_deploy.train.schedule import warmup_cosine

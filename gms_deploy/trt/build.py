@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from gms_deploy.errors import GmsError
+from gms_deploy.export_format import BatchProfile
 from gms_deploy.io.outputs import write_atomic
 from gms_deploy.trt.flavour import Flavour
 
@@ -28,21 +29,6 @@ TIMING_CACHE = "timing.cache"
 
 class BuildError(GmsError):
     """A graph TensorRT refuses or fails to build; ``str()`` is one line naming the file and node."""
-
-
-@dataclass(frozen=True)
-class BatchProfile:
-    """The batch sizes an engine accepts (min, opt, max); the spatial size is fixed by the graph."""
-
-    min: int = 1
-    opt: int = 1
-    max: int = 4
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.min <= self.opt <= self.max:
-            raise ValueError(
-                f"batch profile needs 1 <= min <= opt <= max, got {self.min}, {self.opt}, {self.max}"
-            )
 
 
 @dataclass(frozen=True)
