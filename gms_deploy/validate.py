@@ -27,7 +27,6 @@ recorded in the manifest. It lives here, downstream of both, so that neither imp
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -38,6 +37,7 @@ import torch
 
 from gms_deploy.backends.onnxruntime import CPU, open_session
 from gms_deploy.bundle import ModelBundle
+from gms_deploy.compare import Criteria, agree
 from gms_deploy.export_format import BackendError, ExportManifest, ValidationReport, ValidationRow
 from gms_deploy.model.gms import GMSModel
 from gms_deploy.onnx_export import (
@@ -73,11 +73,6 @@ def raise_for_failures(report: ValidationReport) -> None:
         raise ValidationError(f"exported graphs do not match eager PyTorch: {what}", report)
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * float(np.logical_and(a, b).sum()) / total
-
-
 def _eager_pairs(specs: dict[str, Graph], images: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """(input, eager output) per graph: each part fed by the eager parts before it, the fused graph by images.
 
@@ -101,36 +96,28 @@ def _eager_pairs(specs: dict[str, Graph], images: np.ndarray) -> dict[str, tuple
 def _judge(
     spec: Graph, precision: str, inputs: str, got: np.ndarray, ref: np.ndarray, bad: str, threshold: float
 ) -> ValidationRow:
-    """One table row; ``bad`` names a tensor that held NaN or Inf (empty when all were finite).
+    """One table row, through the comparison layer; ``bad`` names a tensor that held NaN or Inf
+    (empty when all were finite).
 
-    Dice is over all pixels of the set's non-degenerate images (a flipped pixel counts the same
+    Dice pools all pixels of the set's non-degenerate images (a flipped pixel counts the same
     wherever it is); an image below the bar on its own is named in the note.
     """
-    ref_max = float(np.abs(ref).max())
-    max_abs = float(np.abs(got.astype(np.float64) - ref).max()) if not bad else math.inf
-    max_rel = max_abs / max(ref_max, 1e-12)
-    failures, notes = [], []
-    score = None
-    if spec.output_is_probability:
-        low, high = NON_DEGENERATE
-        judged = [i for i, r in enumerate(ref) if low <= float((r > threshold).mean()) <= high]
-        if judged:
-            score = dice(got[judged] > threshold, ref[judged] > threshold)
-            worst = min(dice(got[i] > threshold, ref[i] > threshold) for i in judged)
-            if worst < FP16_MIN_DICE:
-                notes.append(f"worst image {worst:.4f}")
-        if len(judged) < len(ref):
-            notes.append(f"{len(ref) - len(judged)} degenerate mask(s) not in Dice")
-        if precision == "fp16" and score is not None and score < FP16_MIN_DICE:
-            failures.append(f"Dice {score:.4f} < {FP16_MIN_DICE}")
-    if bad:
-        failures.append(f"NaN/Inf at {bad}")
-    elif precision == "fp32" and max_abs > FP32_MAX_ABS * (
-        1.0 if spec.output_is_probability else max(1.0, ref_max)
-    ):
-        failures.append(f"max abs {max_abs:.2e} > {FP32_MAX_ABS:g}")
-    note = "; ".join(failures + notes)
-    return ValidationRow(spec.name, precision, inputs, max_abs, max_rel, score, not bad, not failures, note)
+    criteria = Criteria(  # FP32 must reproduce eager PyTorch's numbers, FP16 its masks
+        max_abs=FP32_MAX_ABS if precision == "fp32" else None,
+        min_dice=FP16_MIN_DICE if precision == "fp16" else None,
+        threshold=threshold if spec.output_is_probability else None,
+        judged_coverage=NON_DEGENERATE,
+    )
+    row = agree(list(got), list(ref), criteria, non_finite=bad)
+    notes = []
+    if row.dice_min is not None and row.dice_min < FP16_MIN_DICE:
+        notes.append(f"worst image {row.dice_min:.4f}")
+    if row.unjudged:
+        notes.append(f"{row.unjudged} degenerate mask(s) not in Dice")
+    note = "; ".join((*row.failures, *notes))
+    return ValidationRow(
+        spec.name, precision, inputs, row.max_abs, row.max_rel, row.dice, row.finite, row.ok, note
+    )
 
 
 def _run(session: Any, spec: Graph, x: np.ndarray, layerwise: bool) -> tuple[np.ndarray, str]:
