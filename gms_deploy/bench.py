@@ -198,7 +198,8 @@ def run_bench(config: BenchConfig, progress: Progress | None = None) -> BenchRes
     if unknown:
         raise BackendError(f"unknown backend {', '.join(unknown)}; choose from {', '.join(NAMES)}")
     # Every variant is timed against eager PyTorch FP32: the weights are read once, here.
-    source = ModelSource(config.source.weights("bench"), export=config.source.export)
+    bundle = config.source.weights("bench")
+    source = ModelSource(bundle, export=config.source.export)
     device = _resolve_device(config.device)
     gpu = device.type == "cuda"
     warmup = 3 if config.warmup is None else config.warmup
@@ -210,7 +211,7 @@ def run_bench(config: BenchConfig, progress: Progress | None = None) -> BenchRes
     if min(batch_sizes) < 1 or iterations < 1 or warmup < 0 or threads < 1:
         raise UsageError("batch sizes, iterations and threads must be at least 1, warm-up at least 0")
     _check_export(source.export)
-    image_sizes = config.image_sizes or (source.weights("bench").settings.image_size,)
+    image_sizes = config.image_sizes or (bundle.settings.image_size,)
     frames = _load_frames(config.frames or SAMPLES, max(batch_sizes))
     peak_tflops = _fp16_peak_tflops(device) if gpu else None
     timing = _Timing(warmup, iterations, config.submodels, peak_tflops)
@@ -219,7 +220,7 @@ def run_bench(config: BenchConfig, progress: Progress | None = None) -> BenchRes
     held = torch.get_num_threads()
     torch.set_num_threads(threads)  # ONNX Runtime sessions take the same budget (``open_session``)
     try:
-        opened, records = _available(config, device, image_sizes[0])
+        opened, records = _available(config, source, device, image_sizes[0])
         for size in image_sizes:
             here = _at_size(opened, size, source, records)
             gflop = _gflop_per_image(here[0].runner, size)
@@ -289,7 +290,9 @@ def _load_frames(folder: Path, count: int) -> list[np.ndarray]:
     return frames
 
 
-def _candidates(config: BenchConfig, device: torch.device) -> list[tuple[Variant, str | None]]:
+def _candidates(
+    config: BenchConfig, source: ModelSource, device: torch.device
+) -> list[tuple[Variant, str | None]]:
     """Every variant worth knowing about here, eager FP32 first, each with why it will not run (or None).
 
     Slow ones (compiling on a CPU, ONNX Runtime's CPU provider beside a GPU) run only when asked for.
@@ -311,7 +314,7 @@ def _candidates(config: BenchConfig, device: torch.device) -> list[tuple[Variant
         (Variant("onnxruntime", "fp16", cuda), None),
         (Variant("tensorrt", "fp16", cuda, FUSED), None),
     ]
-    return [(variant, _cannot(variant, gpu, config.source) or note) for variant, note in variants]
+    return [(variant, _cannot(variant, gpu, source) or note) for variant, note in variants]
 
 
 def _cannot(variant: Variant, gpu: bool, source: ModelSource) -> str | None:
@@ -324,7 +327,7 @@ def _cannot(variant: Variant, gpu: bool, source: ModelSource) -> str | None:
 
 
 def _available(
-    config: BenchConfig, device: torch.device, size: int
+    config: BenchConfig, source: ModelSource, device: torch.device, size: int
 ) -> tuple[list[_Opened], list[BenchRecord]]:
     """Every variant that opens here, eager FP32 first, and a skipped record for each that does not.
 
@@ -335,12 +338,12 @@ def _available(
     skipped: list[BenchRecord] = []
     reasons: dict[str, list[str]] = defaultdict(list)
     baseline = _baseline(device)
-    for variant, reason in _candidates(config, device):
+    for variant, reason in _candidates(config, source, device):
         if config.backends and variant.backend not in config.backends and variant != baseline:
             continue
         if reason is None:
             try:
-                opened.append(_open_held(variant, config.source, size))
+                opened.append(_open_held(variant, source, size))
                 continue
             except (BackendError, ImportError) as err:  # ImportError: the export extra is not installed
                 if variant == baseline:
@@ -365,14 +368,13 @@ def _open_held(variant: Variant, source: ModelSource, size: int) -> _Opened:
     """Opened as every command opens a runner; weights are built at ``size``, an export runs as it is."""
     gpu = torch.device(variant.device).type == "cuda"
     before = torch.cuda.memory_allocated(variant.device) if gpu else 0
-    weights = backend_spec(variant.backend).runs == "weights"
-    if weights:
-        source = ModelSource(source.weights("bench").with_settings(image_size=size))
-    runner = open_runner(variant.backend, source, variant.device, variant.precision)
-    if weights:
-        weights = (torch.cuda.memory_allocated(variant.device) - before) / 2**20 if gpu else None
-        return _Opened(variant, runner, None, weights)
-    return _Opened(variant, runner, runner.settings.image_size, None)
+    if backend_spec(variant.backend).runs == "export":
+        runner = open_runner(variant.backend, source, variant.device, variant.precision)
+        return _Opened(variant, runner, runner.settings.image_size, None)
+    at_size = ModelSource(source.weights("bench").with_settings(image_size=size))
+    runner = open_runner(variant.backend, at_size, variant.device, variant.precision)
+    weights_mib = (torch.cuda.memory_allocated(variant.device) - before) / 2**20 if gpu else None
+    return _Opened(variant, runner, None, weights_mib)
 
 
 def _timed(fn: Callable[[], T], gpu: bool) -> tuple[T, float]:
@@ -444,7 +446,7 @@ def _bench_batch(
         def finish(item: _Opened = item) -> None:
             stages = _stage_times(item, batch, timing)
             own = None if item.weights_mib is None else item.weights_mib + peaks[id(item)]
-            measured[id(item)] = _Measured(latencies[id(item)], stages, own, _outputs(item, batch))
+            measured[id(item)] = _Measured(latencies[id(item)], stages, own, _end_to_end(item, batch, True)())
 
         _fits(item, size, len(batch), records, finish)
     reference = measured.get(id(here[0]))
@@ -461,10 +463,12 @@ def _bench_batch(
     return records
 
 
-def _end_to_end(item: _Opened, batch: Sequence[np.ndarray]) -> Callable[[], list[Segmentation]]:
+def _end_to_end(
+    item: _Opened, batch: Sequence[np.ndarray], keep_prob: bool = False
+) -> Callable[[], list[Segmentation]]:
     """A batch as a user's frames go through: ``prepare`` per frame, then ``segment``."""
     segmenter, threshold = item.segmenter, item.runner.settings.threshold
-    return lambda: segmenter.segment([segmenter.prepare(frame) for frame in batch], threshold)
+    return lambda: segmenter.segment([segmenter.prepare(frame) for frame in batch], threshold, keep_prob)
 
 
 def _fits(
@@ -500,13 +504,6 @@ def _timed_with_peak(fn: Callable[[], Any], item: _Opened) -> tuple[float, float
 
 def _on_gpu(runner: Runner) -> bool:
     return isinstance(runner, DeviceRunner) and runner.device.type == "cuda"
-
-
-def _outputs(item: _Opened, batch: Sequence[np.ndarray]) -> list[Segmentation]:
-    segmenter = item.segmenter
-    return segmenter.segment(
-        [segmenter.prepare(frame) for frame in batch], item.runner.settings.threshold, keep_prob=True
-    )
 
 
 def _stage_times(item: _Opened, batch: Sequence[np.ndarray], timing: _Timing) -> dict[str, float]:
