@@ -129,7 +129,7 @@ second() {
         | tee -a "$OUT/environment.txt"
     # TensorRT for RTX lists no Hopper target, so on an H100 or H200 gms-deploy refuses to build or
     # load its engines, in one line. Whether that refusal, or TensorRT's own validity verdict, is
-    # right is the finding: the demo model says it in seconds, so it comes first, in three steps so
+    # right is the finding: the demo model says it in seconds, so it comes first, in four steps so
     # that the line names the one that failed (a step out of time, rc 124, is no finding). A step
     # refused is tried again with GMS_DEPLOY_TRT_ANY_GPU=1, which lifts both preflights for this
     # check alone and logs TensorRT's verdict in words; the engine tests run only where an engine ran.
@@ -139,6 +139,8 @@ second() {
     if [ "$REHEARSAL" != 1 ]; then  # a CPU has no GPU to run an engine on
         probe run "$PY" -m gms_deploy infer gms_deploy/data/samples/images/phantom_900000.png \
             --model "$WORK/probe" --backend tensorrt --out "$WORK/probe-masks" --overwrite || return 1
+        # Every engine against eager PyTorch (the demo model) on pydicom's ultrasound frames.
+        probe validate "$PY" -m gms_deploy build "$WORK/probe" --validate || return 1
     fi
     step tests-trt 120 "${BYPASS[@]}" bash -o pipefail -c "$PY -m pytest -m gpu -v -rs -p no:cacheprovider \
         tests/test_engines.py | tee '$OUT/tests-trt.log'"

@@ -300,10 +300,26 @@ def build(
     rebuild: Annotated[bool, typer.Option("--rebuild", help="Build even if the cached engine matches.")] = (
         False
     ),
+    validate: Annotated[
+        bool,
+        typer.Option(
+            "--validate",
+            help="Then run every engine (GPU) against eager PyTorch on the export's weights "
+            "(--model BUNDLE or --vae/--mapper; default: the demo model); a failed engine is refused.",
+        ),
+    ] = False,
+    model: Annotated[Path | None, typer.Option("--model", help="With --validate: the model bundle.")] = None,
+    vae: VaeOpt = None,
+    mapper: MapperOpt = None,
+    calibration: Annotated[
+        list[Path] | None,
+        typer.Option(help="With --validate: real images or DICOMs to compare on (default: pydicom's)."),
+    ] = None,
 ) -> None:
     """Build TensorRT engines for an export's graphs, for the GPU they will run on (cached)."""
     from gms_deploy.engines import BuildOptions
     from gms_deploy.export_format import BatchProfile
+    from gms_deploy.validate import check_engines_can_run, validate_engines
 
     if trt not in ("auto", "tensorrt", "rtx") or precision not in ("fp16", "fp32"):
         raise _fail(f"--trt takes auto, tensorrt or rtx, --precision fp16 or fp32 (got {trt}, {precision})")
@@ -314,7 +330,13 @@ def build(
         targets=tuple(target_cc or ()),
         rebuild=rebuild,
     )
+    reference = ModelSource.from_flags(model, vae, mapper).weights("build --validate") if validate else None
+    if validate:
+        check_engines_can_run()
     _build_engines(export_dir, options)
+    if reference is not None:
+        report = validate_engines(export_dir, reference, options.graphs, precision, calibration)
+        typer.echo(report.table(), err=True)
 
 
 def _build_engines(export_dir: Path, options: BuildOptions | None = None) -> None:

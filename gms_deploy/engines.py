@@ -180,6 +180,11 @@ def check_engine(
             )
     if not path.is_file() or sha256(path) != entry.sha256:
         raise BackendError(f"{path}: missing, truncated or not the engine {MANIFEST} records; {advice}")
+    if entry.validation is not None and not entry.validation.ok:
+        raise BackendError(
+            f"{path}: failed `gms-deploy build --validate` against eager PyTorch (see its 'validation' "
+            f"in {MANIFEST}); export and build again"
+        )
     if gpu is not None and hasattr(flavour.trt.Runtime, "get_engine_validity"):
         _check_validity(flavour, path, advice)
     return path

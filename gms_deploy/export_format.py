@@ -236,13 +236,17 @@ class EngineRecipe:
 
 @dataclass(frozen=True, kw_only=True)
 class EngineEntry(EngineRecipe):
-    """A built engine: its recipe, and the file that recipe produced."""
+    """A built engine: its recipe, the file that recipe produced, and (``build --validate``) how it
+    compared with eager PyTorch; an engine that failed is refused by the TensorRT runner."""
 
     sha256: str
     seconds: float
+    validation: ValidationReport | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "key": self.key}
+        data = {**asdict(self), "key": self.key}
+        data["validation"] = None if self.validation is None else self.validation.to_json()
+        return data
 
     @classmethod
     def from_json(cls, data: object, where: str) -> EngineEntry:
@@ -252,6 +256,7 @@ class EngineEntry(EngineRecipe):
             where,
             gpu=lambda v: v if v is None else _decode(GpuInfo, v, f"{where} gpu"),
             profile=lambda v: _decode(BatchProfile, v, f"{where} profile"),
+            validation=lambda v: v if v is None else ValidationReport.from_json(v, f"{where} validation"),
         )
 
 

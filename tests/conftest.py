@@ -82,7 +82,7 @@ def tiny_onnx(tiny_bundle: ModelBundle, tmp_path_factory: pytest.TempPathFactory
     from gms_deploy.onnx_export import ExportOptions, export_model
 
     out = tmp_path_factory.mktemp("tiny-onnx")
-    export_model(tiny_bundle, out, ExportOptions(precisions=("fp32",), overwrite=True))
+    export_model(tiny_bundle, out, ExportOptions(precisions=("fp32",)))
     return out
 
 

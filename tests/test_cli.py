@@ -59,6 +59,7 @@ def test_an_output_that_is_a_file_and_a_bad_calibration_image(tmp_path: Path) ->
     for flags, expected in cases.items():
         result = CliRunner().invoke(app, ["export", *flags, "--no-validate", "--precision", "fp16"])
         assert result.exit_code == 2 and expected in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "e").exists()  # a failed export leaves no folder behind
 
 
 def test_a_dataloader_workers_error_keeps_the_file_it_names() -> None:

@@ -34,10 +34,18 @@ from gms_deploy.engines import (
     check_engine,
     invalidity_reasons,
 )
-from gms_deploy.export_format import MANIFEST, BatchProfile, ExportManifest, sha256
+from gms_deploy.export_format import (
+    MANIFEST,
+    BatchProfile,
+    ExportManifest,
+    ValidationReport,
+    ValidationRow,
+    sha256,
+)
 from gms_deploy.onnx_export import export_model
 from gms_deploy.trt import Flavour, TrtUnavailable, find_flavour
 from gms_deploy.trt.flavour import ANY_GPU
+from gms_deploy.validate import validate_engines
 
 pytest.importorskip(
     "tensorrt_rtx", reason="TensorRT for RTX is not installed (pip install tensorrt-rtx-cu13)"
@@ -262,3 +270,47 @@ def test_export_with_engines_builds_them_in_one_command(tmp_path: Path) -> None:
     assert sorted(e["graph"] for e in engines) == sorted(GRAPHS)
     assert all((out / e["file"]).is_file() and e["precision"] == "fp16" for e in engines)
     assert result.output.count(": built") == len(GRAPHS)
+
+
+def test_an_engine_that_failed_validation_is_refused(built: Path, rtx: Flavour) -> None:
+    """``build --validate`` records each engine's rows; the runner's check reads them back."""
+    manifest = ExportManifest.read(built)
+    row = ValidationRow("gms", "fp16", "real", 0.4, 0.4, 0.7, True, False, "Dice 0.7000 < 0.99")
+    failed = replace(manifest.engine("gms", "fp16"), validation=ValidationReport((row,)))
+    manifest.with_engine(failed).write()
+    assert ExportManifest.read(built).engine("gms", "fp16") == failed  # round trip
+    with pytest.raises(BackendError, match=r"failed `gms-deploy build --validate`") as caught:
+        check_engine(built, "gms", rtx)
+    assert "\n" not in str(caught.value)
+    assert check_engine(built, "mapper", rtx) == built / "mapper_fp16.engine"  # the others still load
+
+
+@NO_GPU
+def test_build_validate_without_a_gpu_says_so_before_building(built: Path) -> None:
+    before = {p.name: sha256(p) for p in built.glob("*.engine")}
+    done = cli.invoke(
+        app, ["build", str(built), "--trt", "rtx", "--target-cc", "SM86", "--rebuild", "--validate"]
+    )
+    assert done.exit_code == 2 and "build --validate runs the engines, which needs a CUDA GPU" in done.stderr
+    assert {p.name: sha256(p) for p in built.glob("*.engine")} == before  # nothing was rebuilt
+
+
+@pytest.mark.gpu
+def test_build_validate_compares_every_engine_with_pytorch(
+    built: Path, tiny_bundle: ModelBundle, rtx: Flavour, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Built for the GPU present, each engine against eager PyTorch; each verdict in the manifest."""
+    target = "SM{}{}".format(*torch.cuda.get_device_capability())
+    if target not in rtx.compute_capabilities():
+        monkeypatch.setenv(ANY_GPU, "1")
+    try:
+        build_engines(built, BuildOptions(flavour="rtx", profile=BatchProfile(max=2)))
+        report = validate_engines(built, tiny_bundle, GRAPHS)
+    except Exception as err:
+        if target in rtx.compute_capabilities():
+            raise
+        pytest.skip(f"TensorRT for RTX lists no {target} target; on this GPU: {type(err).__name__}: {err}")
+    assert report.ok, report.table()
+    assert {(r.graph, r.inputs) for r in report.rows} == {(g, i) for g in GRAPHS for i in ("random", "real")}
+    recorded = ExportManifest.read(built)
+    assert all(recorded.engine(g, "fp16").validation is not None for g in GRAPHS)

@@ -7,6 +7,8 @@ ONNX Runtime and TensorRT tests, which import it from here.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +20,14 @@ from typer.testing import CliRunner
 
 from gms_deploy import onnx_export, validate
 from gms_deploy.backends import BackendError, open_runner
+from gms_deploy.backends.onnxruntime import CPU, open_session
 from gms_deploy.bundle import ModelBundle, Settings
 from gms_deploy.cli import app
-from gms_deploy.export_format import FORMAT_VERSION, MANIFEST, sha256
-from gms_deploy.onnx_export import FP32_OP_TYPES, ExportError, ExportOptions, ExportResult, export_model
+from gms_deploy.errors import UsageError
+from gms_deploy.export_format import FORMAT_VERSION, MANIFEST, ExportManifest, sha256
+from gms_deploy.io.calibration import default_image_paths, real_images
+from gms_deploy.model import graphs
+from gms_deploy.onnx_export import FP32_OP_TYPES, ExportError, ExportOptions, ExportResult
 from gms_deploy.validate import ValidationError, run_export
 
 # 128-wide at 64 x 64 keeps the session's test time near a minute for that export; the 224 x 224
@@ -51,7 +57,7 @@ def exported(
         root = tmp_path_factory.mktemp(f"export-{which}")
         if parity_dir is not None:
             bundle = parity_bundle(parity_dir)
-            calibration = [*onnx_export.default_image_paths(), parity_dir / "input.png"]
+            calibration = [*default_image_paths(), parity_dir / "input.png"]
         else:
             bundle, calibration = random_full_size(root / "src", SD_IMAGE_SIZE), None
         try:
@@ -82,7 +88,7 @@ def result(request: pytest.FixtureRequest) -> ExportResult:
 def test_every_graph_in_both_precisions_with_a_verifiable_manifest(result: ExportResult) -> None:
     manifest = json.loads(result.manifest.read_text())
     assert manifest["format_version"] == FORMAT_VERSION
-    assert manifest["opset"] == onnx_export.OPSET
+    assert manifest["opset"] == graphs.OPSET
     assert set(manifest["versions"]) >= {"torch", "diffusers", "onnx", "nvidia-modelopt"}
     assert all(manifest["versions"][k] for k in ("torch", "diffusers", "onnx", "nvidia-modelopt"))
     size = manifest["settings"]["image_size"]
@@ -155,7 +161,7 @@ def test_two_level_group_norm_is_group_norm(channels: int, groups: int, size: in
     torch.nn.init.normal_(norm.weight)
     torch.nn.init.normal_(norm.bias)
     x = torch.randn(2, channels, size, size, dtype=torch.float64) * 5 + 3
-    assert torch.allclose(onnx_export._two_level_group_norm(norm, x), norm(x), atol=1e-12)
+    assert torch.allclose(graphs._two_level_group_norm(norm, x), norm(x), atol=1e-12)
 
 
 def test_validation_fails_loudly_and_the_export_is_refused(
@@ -181,12 +187,29 @@ def test_external_data_past_the_size_limit(
     assert runner(np.zeros((1, 3, 32, 32), np.float32)).shape == (1, 32, 32)
 
 
-def test_existing_export_is_kept_unless_overwrite(tiny_bundle: ModelBundle, tmp_path: Path) -> None:
-    export_model(tiny_bundle, tmp_path, ExportOptions(precisions=("fp32",)))
-    with pytest.raises(ExportError, match="already holds an export"):
-        export_model(tiny_bundle, tmp_path, ExportOptions(precisions=("fp32",)))
+def test_existing_export_is_kept_unless_overwrite(
+    tiny_bundle: ModelBundle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "onnx"
+    run_export(tiny_bundle, out, ExportOptions(precisions=("fp32",)), validate=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(UsageError, match=r"already holds an export \(--overwrite replaces it\)"):
+        run_export(tiny_bundle, out, ExportOptions(precisions=("fp32",)), validate=False)
     with pytest.raises(ExportError, match="precisions"):
-        export_model(tiny_bundle, tmp_path, ExportOptions(precisions=("int8",), overwrite=True))
+        ExportOptions(precisions=("int8",), overwrite=True)
+
+    def interrupted(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(onnx_export, "_sanitise", interrupted)  # Ctrl-C in the middle of the graphs
+    with pytest.raises(KeyboardInterrupt):
+        run_export(tiny_bundle, out, ExportOptions(precisions=("fp32",), overwrite=True), validate=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old export, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["onnx"]  # and no half-made one beside it
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(UsageError, match="a folder of other files, not an export"):
+        run_export(tiny_bundle, tmp_path / "other", ExportOptions(precisions=("fp32",)), validate=False)
 
 
 def test_cli_export_prints_the_table(tiny_bundle: ModelBundle, tmp_path: Path) -> None:
@@ -198,3 +221,41 @@ def test_cli_export_prints_the_table(tiny_bundle: ModelBundle, tmp_path: Path) -
     assert json.loads((out / MANIFEST).read_text())["settings"]["image_size"] == 48
     again = cli.invoke(app, args)
     assert again.exit_code == 2 and "already holds an export" in again.output
+
+
+def test_engines_are_judged_by_the_layer_export_validation_uses(
+    tiny_bundle: ModelBundle, tiny_onnx: Path, tmp_path: Path
+) -> None:
+    """``build --validate``'s comparison, on the CPU: ONNX Runtime runs each graph where the GPU would
+    run its engine, judged by the engines' FP16 criteria. A faithful graph passes; against another
+    model's weights, or with a NaN in its output, it is refused."""
+    from conftest import make_tiny_bundle
+
+    manifest = ExportManifest.read(tiny_onnx)
+    model = tiny_bundle.build()
+    specs = graphs.graph_specs(model, manifest.settings)
+
+    def in_place_of_an_engine(graph: str) -> Callable[[], validate.GraphRun]:
+        session = open_session(manifest, manifest.graph(graph, "fp32"), [CPU], False)
+        return lambda: partial(validate._onnx_run, session, specs[graph], False)
+
+    names = [spec.name for spec in specs.values()]
+    real = real_images()
+    good = validate.compare_graphs(
+        manifest.settings, model, real, [(g, "fp16", in_place_of_an_engine(g)) for g in names]
+    )
+    assert good.ok, good.table()
+    assert {r.graph for r in good.rows if r.dice is not None} == {"decoder", "gms"}  # masks judged
+    other = make_tiny_bundle(tmp_path, seed=1).build()
+    wrong = validate.compare_graphs(
+        manifest.settings, other, real, [("gms", "fp16", in_place_of_an_engine("gms"))]
+    )
+    assert not wrong.ok and all("Dice" in r.note for r in wrong.rows if not r.ok)
+    with pytest.raises(ValidationError, match="engines do not match eager PyTorch: gms fp16 on"):
+        validate.raise_for_failures(wrong, "engines")
+
+    def nan(x: np.ndarray) -> tuple[np.ndarray, str]:
+        return np.full((len(x), 1, *x.shape[2:]), np.nan, np.float32), ""
+
+    broken = validate.compare_graphs(manifest.settings, model, real, [("gms", "fp16", lambda: nan)])
+    assert all(not r.ok and r.note.startswith("NaN/Inf at the output") for r in broken.rows)

@@ -18,19 +18,48 @@ from typing import TYPE_CHECKING
 import torch
 
 from gms_deploy.backends.base import DeviceRunner
-from gms_deploy.export_format import BackendError, ExportManifest
+from gms_deploy.devices import parse_device
+from gms_deploy.export_format import BackendError, ExportManifest, GpuInfo
 
 if TYPE_CHECKING:
     from gms_deploy.trt.engine import Engine
+    from gms_deploy.trt.flavour import Flavour
 
 GRAPH = "gms"
+
+
+def load_engine(
+    export_dir: Path, graph: str, flavour: Flavour, precision: str, gpu: GpuInfo | None, device: torch.device
+) -> Engine:
+    """One checked engine of an export, with its runtime cache beside it: what the runner and
+    ``build --validate`` run."""
+    from gms_deploy.engines import check_engine
+    from gms_deploy.trt.engine import Engine, EngineLoadError
+
+    path = check_engine(export_dir, graph, flavour, precision, gpu)
+    try:
+        # TensorRT for RTX's just-in-time kernels, kept beside the engine for the next process.
+        return Engine(flavour, path, device, path.with_suffix(".runtime-cache"))
+    except EngineLoadError as err:
+        raise BackendError(f"{err}; run `gms-deploy build {export_dir} --rebuild`") from None
+
+
+def run_sliced(engine: Engine, inputs: torch.Tensor) -> torch.Tensor:
+    """Batches beyond the engine's profile run in slices rather than failing."""
+    low, high = engine.profile_batches()
+    pieces = []
+    for chunk in inputs.split(high):
+        if len(chunk) < low:
+            raise BackendError(f"{engine.path}: the engine needs batches of at least {low}")
+        (out,) = engine({engine.inputs[0]: chunk.float()}).values()
+        pieces.append(out.float().clone())  # the engine reuses its output buffer
+    return torch.cat(pieces)
 
 
 class TensorRTRunner(DeviceRunner):
     name = "tensorrt"
 
     def __init__(self, export_dir: Path, device: str = "cuda", precision: str | None = None) -> None:
-        """``device`` ``cpu`` means the first GPU: an engine runs nowhere else."""
         precision = precision or "fp16"
         if precision != "fp16":
             raise BackendError(f"--backend tensorrt builds FP16 engines only, not {precision}")
@@ -43,10 +72,7 @@ class TensorRTRunner(DeviceRunner):
         self.model_name = manifest.model
         if not torch.cuda.is_available():
             raise BackendError("--backend tensorrt needs a CUDA GPU, and PyTorch sees no GPU here")
-        kind, _, index = device.partition(":")
-        if kind not in ("cpu", "cuda") or (index and not index.isdigit()):
-            raise BackendError(f"--device {device}: expected cuda[:N]")
-        self.device = torch.device("cuda", int(index or 0))
+        self.device = torch.device("cuda", parse_device(device).index or 0)  # open_runner refused a CPU
         entry = manifest.find_engine(GRAPH, precision)
         try:
             flavour = find_flavour(entry.flavour if entry else "auto")
@@ -60,16 +86,7 @@ class TensorRTRunner(DeviceRunner):
         self.label = f"{flavour.label} {precision.upper()} fused engine on {where}"
 
     def _load(self, graph: str) -> Engine:
-        """One checked engine of the export, with its runtime cache beside it."""
-        from gms_deploy.engines import check_engine
-        from gms_deploy.trt.engine import Engine, EngineLoadError
-
-        path = check_engine(self.export_dir, graph, self.flavour, self.precision, self.gpu)
-        try:
-            # TensorRT for RTX's just-in-time kernels, kept beside the engine for the next process.
-            return Engine(self.flavour, path, self.device, path.with_suffix(".runtime-cache"))
-        except EngineLoadError as err:
-            raise BackendError(f"{err}; run `gms-deploy build {self.export_dir} --rebuild`") from None
+        return load_engine(self.export_dir, graph, self.flavour, self.precision, self.gpu, self.device)
 
     @property
     def description(self) -> str:
@@ -81,18 +98,7 @@ class TensorRTRunner(DeviceRunner):
             raise BackendError(
                 f"{self.export_dir}: expects B x 3 x {size} x {size} images, got {tuple(images.shape)}"
             )
-        return self._run(self.engine, images)[:, 0]
-
-    def _run(self, engine: Engine, inputs: torch.Tensor) -> torch.Tensor:
-        """Batches beyond the engine's profile run in slices rather than failing."""
-        low, high = engine.profile_batches()
-        pieces = []
-        for chunk in inputs.split(high):
-            if len(chunk) < low:
-                raise BackendError(f"{engine.path}: the engine needs batches of at least {low}")
-            (out,) = engine({engine.inputs[0]: chunk.float()}).values()
-            pieces.append(out.float().clone())  # the engine reuses its output buffer
-        return torch.cat(pieces)
+        return run_sliced(self.engine, images)[:, 0]
 
     def stages(self) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
         """The per-stage engines chained on device tensors: the fused engine's alternative, timed apart.
@@ -103,8 +109,8 @@ class TensorRTRunner(DeviceRunner):
         if not self._stages:
             engines = {graph: self._load(graph) for graph in ("encoder", "mapper", "decoder")}
             self._stages = {
-                "encoder": lambda x: self._run(engines["encoder"], x),
-                "mapper": lambda z: self._run(engines["mapper"], z),
-                "decoder": lambda z: self._run(engines["decoder"], z)[:, 0],
+                "encoder": lambda x: run_sliced(engines["encoder"], x),
+                "mapper": lambda z: run_sliced(engines["mapper"], z),
+                "decoder": lambda z: run_sliced(engines["decoder"], z)[:, 0],
             }
         return self._stages

@@ -20,6 +20,12 @@ from gms_deploy.settings import SCALE_FACTOR
 LOGVAR_RANGE = (-30.0, 20.0)
 
 
+def probability(rgb: torch.Tensor) -> torch.Tensor:
+    """The decoder's RGB in [-1, 1] -> B x 1 x H x W probability: the official code's last step,
+    shared with the exported decoder so that the two cannot drift apart."""
+    return torch.clamp((rgb.mean(dim=1, keepdim=True) + 1.0) / 2.0, 0.0, 1.0)
+
+
 class GMSModel(nn.Module):
     def __init__(self, vae: AutoencoderKL, mapper: LatentMapper, scale_factor: float = SCALE_FACTOR) -> None:
         super().__init__()
@@ -46,8 +52,7 @@ class GMSModel(nn.Module):
         z = latent / self.scale_factor
         if self.vae.post_quant_conv is not None:
             z = self.vae.post_quant_conv(z)
-        rgb = self.vae.decoder(z)
-        return torch.clamp((rgb.mean(dim=1, keepdim=True) + 1.0) / 2.0, 0.0, 1.0)
+        return probability(self.vae.decoder(z))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.decode(self.map(self.encode(image)))
