@@ -7,13 +7,17 @@ so the JSON carries them beside the records.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gms_deploy.bench import BenchRecord
 from gms_deploy.errors import GmsError
 from gms_deploy.io.outputs import write_atomic
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def _number(spec: str, value: float | None) -> str:
@@ -72,15 +76,30 @@ def write_json(path: Path, records: Sequence[BenchRecord], env: dict[str, Any]) 
     write_atomic(Path(path), lambda f: f.write(text.encode()))
 
 
-def plot(path: Path, records: Sequence[BenchRecord]) -> None:
+def plot(path: Path, records: Sequence[BenchRecord], env: Mapping[str, Any]) -> None:
+    """Write ``bench_figure`` as a PNG; ``env`` is the machine the records ran on, as the JSON has it."""
+    figure = bench_figure(records, env)
+    write_atomic(Path(path), lambda f: figure.savefig(f, format="png", dpi=120))
+
+
+def bench_figure(records: Sequence[BenchRecord], env: Mapping[str, Any]) -> Figure:
     """Latency p50 and throughput against batch size, one line per variant and image size.
 
+    The title names the machine and date, since a timing shared without them cannot be compared.
     matplotlib is the ``bench`` extra, so it is imported only here; without it, one line says so.
     """
     try:
         from matplotlib.figure import Figure
+        from matplotlib.ticker import FuncFormatter, LogFormatter
     except ImportError:
         raise GmsError("--plot needs matplotlib: pip install 'gms-deploy[bench]'") from None
+
+    class PlainLogFormatter(LogFormatter):
+        """The log axis's choice of which ticks to label, written as 40 rather than 4x10^1."""
+
+        def __call__(self, x: float, pos: int | None = None) -> str:
+            return _plain(x) if super().__call__(x, pos) else ""
+
     lines: dict[str, list[BenchRecord]] = {}
     for r in records:
         if r.status == "ok":
@@ -89,17 +108,36 @@ def plot(path: Path, records: Sequence[BenchRecord]) -> None:
             ).append(r)
     sizes = sorted({r.batch_size for points in lines.values() for r in points if r.batch_size})
     figure = Figure(figsize=(11, 4.5), layout="constrained")
+    figure.suptitle(_machine_and_date(records, env))
     latency, throughput = figure.subplots(1, 2)
     for label, points in lines.items():
         points.sort(key=lambda r: r.batch_size or 0)
         batches = [r.batch_size for r in points]
         latency.plot(batches, [r.latency_ms_p50 for r in points], marker="o", label=label)
         throughput.plot(batches, [r.throughput_img_s for r in points], marker="o", label=label)
-    for axes, title in ((latency, "latency p50 (ms)"), (throughput, "throughput (images/s)")):
-        axes.set(xlabel="batch size", title=title, yscale="log")
+    for axes, title, unit in ((latency, "latency p50", "ms"), (throughput, "throughput", "images/s")):
+        axes.set(xlabel="batch size", ylabel=unit, title=title, yscale="log")
+        axes.yaxis.set_major_formatter(FuncFormatter(lambda x, _: _plain(x)))
+        axes.yaxis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False))
         axes.set_xscale("log", base=2)
         axes.set_xticks(sizes, [str(size) for size in sizes])
         axes.set_xticks([], minor=True)
         axes.grid(True, which="both", alpha=0.3)
     throughput.legend(fontsize="small")
-    write_atomic(Path(path), lambda f: figure.savefig(f, format="png", dpi=120))
+    return figure
+
+
+def _plain(value: float) -> str:
+    """A tick label as a reader writes the number: 40, 0.5, 2000."""
+    return f"{value:.0f}" if value >= 10 else f"{value:.4f}".rstrip("0").rstrip(".")
+
+
+def _machine_and_date(records: Sequence[BenchRecord], env: Mapping[str, Any]) -> str:
+    """The GPU's or CPU's name for each device that ran, and the environment's date (UTC)."""
+    names = []
+    for device in sorted({r.device for r in records if r.status == "ok"}):
+        name = env.get("gpu") if device.startswith("cuda") else env.get("cpu")
+        names.append(f"{name} ({device})" if name else device)
+    date = env.get("date")
+    when = datetime.fromisoformat(date).strftime("%Y-%m-%d %H:%M %Z") if date else "date unknown"
+    return f"gms-deploy bench: {', '.join(names) or 'nothing ran'}, {when}"

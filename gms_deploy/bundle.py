@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gms_deploy.errors import CheckpointError
+from gms_deploy.io.staging import staged_folder
 from gms_deploy.settings import Settings
 
 if TYPE_CHECKING:
@@ -37,6 +37,8 @@ class ModelBundle:
     def load(cls, path: Path) -> ModelBundle:
         """Open a bundle folder, or its ``gms.json``."""
         path = Path(path)
+        if not path.exists():  # a mistyped path, not a folder that lacks its manifest
+            raise CheckpointError(path, "no such file or folder")
         manifest = path / MANIFEST if path.is_dir() else path
         if not manifest.is_file():
             raise CheckpointError(path, f"not a model bundle (no {MANIFEST})")
@@ -74,17 +76,12 @@ class ModelBundle:
     def save(self, out_dir: Path) -> ModelBundle:
         """Copy the VAE and mapper into ``out_dir`` with a manifest; returns the saved bundle.
 
-        The folder is assembled beside its destination and renamed into place, so an interrupted
-        save leaves no folder that looks like a bundle.
+        The folder is assembled beside its destination and renamed into place (``staged_folder``).
         """
         from gms_deploy.model.mapper import config_path
 
         out_dir = Path(out_dir)
-        if (out_dir / MANIFEST).exists():
-            raise FileExistsError(f"{out_dir}: already holds a bundle")
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-        try:
+        with staged_folder(out_dir, MANIFEST, "a bundle", hint="") as staging:
             names = {}
             for role, source in (("vae", self.vae), ("mapper", self.mapper)):
                 names[role] = f"{role}{'' if source.is_dir() else ''.join(source.suffixes)}"
@@ -100,11 +97,6 @@ class ModelBundle:
                 "settings": asdict(self.settings),
             }
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-            if out_dir.exists():
-                out_dir.rmdir()
-            staging.rename(out_dir)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
         return ModelBundle.load(out_dir)
 
 

@@ -11,15 +11,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
-import click
 import typer
-from tqdm import tqdm
 from typer.core import TyperGroup
 
-from gms_deploy.backends import CHOICES, NAMES, ModelSource, open_auto, open_runner
+from gms_deploy.backends import CHOICES, NAMES, ModelSource, Runner, open_auto, open_runner
 from gms_deploy.errors import GmsError, UsageError
-from gms_deploy.infer import READERS, InferOptions, Roi, run_inference
+from gms_deploy.infer import READERS, InferOptions, Progress, Roi, run_inference, summary_line
+from gms_deploy.io.outputs import RESULTS
 from gms_deploy.messages import first_line, os_reason, shown
+from gms_deploy.progress import progress_bar
+from gms_deploy.train.config import TrainConfig
 
 if TYPE_CHECKING:
     from gms_deploy.engines import BuildOptions
@@ -37,10 +38,10 @@ class _Commands(TyperGroup):
     line, exit 2. Anything else is a bug, and keeps its traceback, with a line asking for a report.
     """
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: typer.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.ClickException, click.Abort):
+        except (typer.Exit, typer.Abort, typer.TyperException):  # --help, usage errors, exit codes
             raise
         except GmsError as err:
             if err.details:
@@ -57,7 +58,9 @@ app = typer.Typer(
     cls=_Commands,
     add_completion=False,
     no_args_is_help=True,
-    help="Segment images and ultrasound DICOM with a GMS model; export it to ONNX and TensorRT; benchmark.",
+    rich_markup_mode=None,  # plain help: no type column that shows flags as `--overlay <bool>`
+    help="Segment images and ultrasound DICOM with a GMS model; export it to ONNX and TensorRT; benchmark. "
+    "Flags such as --overlay take no value: write --overlay, not --overlay true.",
 )
 
 # The model flags, the same on every command that takes a model (``ModelSource.from_flags``).
@@ -71,6 +74,24 @@ VaeOpt = Annotated[
 MapperOpt = Annotated[
     Path | None, typer.Option("--mapper", help="GMS mapper checkpoint, best_model.pth (with --vae).")
 ]
+# How to run it, the same on every command that segments (``_open``).
+BackendOpt = Annotated[
+    str, typer.Option(help=f"One of: {', '.join(CHOICES)} (auto: the fastest that runs here).")
+]
+DeviceOpt = Annotated[str, typer.Option(help="auto (a GPU if there is one), cpu or cuda[:N].")]
+PrecisionOpt = Annotated[
+    str | None,
+    typer.Option(help="fp32 or fp16; default: FP32 for torch and on a CPU, FP16 for the GPU backends."),
+]
+
+
+def _open(backend: str, source: ModelSource, device: str, precision: str | None) -> Runner:
+    """The runner asked for; for ``auto``, which one it chose and why the faster ones were passed over."""
+    if backend != "auto":
+        return open_runner(backend, source, device, precision)
+    runner, why = open_auto(source, device, precision)
+    typer.echo(why, err=True)
+    return runner
 
 
 def _print_versions(wanted: bool) -> None:
@@ -166,14 +187,9 @@ def infer(
     model: ModelOpt = None,
     vae: VaeOpt = None,
     mapper: MapperOpt = None,
-    backend: Annotated[
-        str, typer.Option(help=f"One of: {', '.join(CHOICES)} (auto: the fastest that runs here).")
-    ] = "auto",
-    device: Annotated[str, typer.Option(help="auto (a GPU if there is one), cpu or cuda[:N].")] = "auto",
-    precision: Annotated[
-        str | None,
-        typer.Option(help="fp32 or fp16; default: FP32 for torch and on a CPU, FP16 for the GPU backends."),
-    ] = None,
+    backend: BackendOpt = "auto",
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 4,
     readers: Annotated[int, typer.Option("--readers", min=1, help="Files decoded at once.")] = READERS,
     threshold: Annotated[
@@ -185,12 +201,7 @@ def infer(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")] = False,
 ) -> None:
     """Segment every image and DICOM frame under INPUTS into masks under --out."""
-    source = ModelSource.from_flags(model, vae, mapper)
-    if backend == "auto":
-        runner, why = open_auto(source, device, precision)
-        typer.echo(why, err=True)
-    else:
-        runner = open_runner(backend, source, device, precision)
+    runner = _open(backend, ModelSource.from_flags(model, vae, mapper), device, precision)
     typer.echo(f"model: {runner.description}", err=True)
     options = InferOptions(
         out,
@@ -202,20 +213,31 @@ def infer(
         overwrite=overwrite,
         readers=readers,
     )
-    with tqdm(desc="segmenting", unit="file", leave=False, disable=None) as bar:
+    last = Progress(0, 0, 0, 0, 0)
+    with progress_bar(desc="segmenting", unit="frame") as bar:
 
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
+        def progress(done: Progress) -> None:
+            nonlocal last
+            last = done
+            bar.total = done.frames_total
+            failed = f", {done.failures} failed" if done.failures else ""
+            bar.set_postfix_str(f"{done.files}/{done.files_total} files{failed}", refresh=False)
+            bar.update(done.frames - bar.n)
 
-        report = run_inference(inputs, runner, options, progress)
-    summary = f"{report.frames} frame(s) from {report.files} file(s) -> {out}"
-    if report.skipped:
-        summary += f"; {report.skipped} skipped (outputs exist; --overwrite replaces them)"
+        try:
+            report = run_inference(inputs, runner, options, progress)
+        except KeyboardInterrupt:
+            bar.close()
+            typer.echo(
+                f"interrupted after {last.frames} of {last.frames_total} frame(s): the finished outputs are "
+                f"written and listed in {shown(out / RESULTS)}; the same command again resumes (finished "
+                "outputs are skipped)",
+                err=True,
+            )
+            raise typer.Exit(130) from None
+    typer.echo(summary_line(report, out), err=True)
     if report.failures:
-        typer.echo(f"{summary}; {len(report.failures)} FAILED", err=True)
         raise typer.Exit(1)
-    typer.echo(summary, err=True)
 
 
 @app.command()
@@ -345,10 +367,8 @@ def _build_engines(export_dir: Path, options: BuildOptions | None = None) -> Non
 
     records = build_engines(export_dir, options)
     for record in records:
-        typer.echo(
-            f"{record.path.name}: {record.status} ({record.reason}), {record.size / 2**20:.1f} MiB, "
-            f"{record.seconds:.1f} s"
-        )
+        what = record.status + (f" ({record.reason})" if record.reason else "")
+        typer.echo(f"{record.path.name}: {what}, {record.size / 2**20:.1f} MiB, {record.seconds:.1f} s")
 
 
 @app.command()
@@ -361,19 +381,45 @@ def train(
         Path | None, typer.Option("--mapper", help="Fine-tune this mapper rather than start afresh.")
     ] = None,
     config: Annotated[Path | None, typer.Option("--config", help="JSON training config.")] = None,
-    epochs: Annotated[int | None, typer.Option(min=1)] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1)] = None,
-    lr: Annotated[float | None, typer.Option(min=0.0)] = None,
-    image_size: Annotated[int | None, typer.Option("--image-size")] = None,
+    epochs: Annotated[
+        int | None, typer.Option(min=1, help="Training epochs.", show_default=str(TrainConfig.epochs))
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--batch-size", min=1, help="Images per step.", show_default=str(TrainConfig.batch_size)
+        ),
+    ] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option(min=0.0, help="AdamW's peak learning rate.", show_default=str(TrainConfig.lr)),
+    ] = None,
+    image_size: Annotated[
+        int | None,
+        typer.Option(
+            "--image-size",
+            help="The network's input size; default: the bundle's, else the paper's.",
+            show_default=str(TrainConfig.image_size),
+        ),
+    ] = None,
     split: Annotated[Path | None, typer.Option("--split", help="Official .pkl or JSON split.")] = None,
-    augment: Annotated[bool | None, typer.Option("--augment/--no-augment")] = None,
+    augment: Annotated[
+        bool | None,
+        typer.Option(
+            "--augment/--no-augment",
+            help="The official augmentations.",
+            show_default="--augment" if TrainConfig.augment else "--no-augment",
+        ),
+    ] = None,
     cache_latents: Annotated[bool | None, typer.Option("--cache-latents", help="Needs --no-augment.")] = None,
-    seed: Annotated[int | None, typer.Option()] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seeds every random choice.", show_default=str(TrainConfig.seed))
+    ] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda[:N].")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out.")] = False,
 ) -> None:
     """Train a GMS mapper on a frozen VAE with the paper's objective (defaults as the paper)."""
-    from gms_deploy.train.trainer import TrainConfig, train_mapper
+    from gms_deploy.train.trainer import train_mapper
 
     if vae is not None and model is not None:
         raise UsageError("give either --model (its VAE is used) or --vae, not both")
@@ -409,33 +455,35 @@ def evaluate(
     model: ModelOpt = None,
     vae: VaeOpt = None,
     mapper: MapperOpt = None,
-    backend: Annotated[str, typer.Option(help=f"One of: {', '.join(CHOICES)}.")] = "torch",
-    device: Annotated[str, typer.Option(help="cpu or cuda[:N].")] = "cpu",
+    backend: BackendOpt = "auto",
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = None,
     split: Annotated[Path | None, typer.Option("--split", help="Score only its test names.")] = None,
-    threshold: Annotated[float | None, typer.Option(min=0.0, max=1.0)] = None,
-    out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Per-image CSV (default DATA/scores.csv).")
+    threshold: Annotated[
+        float | None, typer.Option(min=0.0, max=1.0, help="Default: the model's (0.5).")
     ] = None,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Per-image CSV (the data folder is only read).")
+    ] = Path("scores.csv"),
 ) -> None:
     """Dice, IoU and HD95 per image, at 224 (the paper's protocol) and at each image's own size."""
     from gms_deploy.evaluate import evaluate as score
     from gms_deploy.evaluate import summarise, write_scores
     from gms_deploy.train.data import read_split
 
-    target = out or data / "scores.csv"
-    _writable_file(target)
-    runner = open_runner(backend, ModelSource.from_flags(model, vae, mapper), device)
+    _writable_file(out)
+    runner = _open(backend, ModelSource.from_flags(model, vae, mapper), device, precision)
     names = read_split(split).test if split else None
     result = score(data, runner, names, threshold)
     if result.scores:  # a table of NaN averages would read as a result
-        write_scores(target, result.scores)
+        write_scores(out, result.scores)
     for failure in result.failures:
         typer.secho(f"ERROR: {failure}", err=True, fg=typer.colors.RED)
     typer.echo(f"{len(result.scores)} image(s), {runner.description}", err=True)
     if result.scores:
         for metric, (mean, std) in summarise(result.scores).items():
             typer.echo(f"{metric:>9}  {mean:.4f} +- {std:.4f}")
-        typer.echo(f"per-image scores: {target}", err=True)
+        typer.echo(f"per-image scores: {out}", err=True)
     if result.failures:
         typer.echo(f"{len(result.failures)} FAILED", err=True)
         raise typer.Exit(1)
@@ -501,7 +549,7 @@ def bench(
         submodels=submodels,
         threads=threads,
     )
-    with tqdm(desc="benchmarking", unit="run", leave=False, disable=None) as bar:
+    with progress_bar(desc="benchmarking", unit="run") as bar:
 
         def progress(done: int, total: int, running: str) -> None:
             bar.total = total
@@ -513,10 +561,11 @@ def bench(
     warning = result.load.warning()
     if warning:
         typer.echo(f"warning: {warning}", err=True)
+    env = environment() | result.environment()
     if json_out is not None:
-        write_json(json_out, result.records, environment() | result.environment())
+        write_json(json_out, result.records, env)
     if plot_out is not None:
-        plot(plot_out, result.records)
+        plot(plot_out, result.records, env)
 
 
 def main() -> None:

@@ -53,7 +53,8 @@ class BuildOptions:
 
 @dataclass(frozen=True)
 class EngineRecord:
-    """One graph's outcome: ``built`` or ``skipped`` (cache hit), with why when it rebuilt."""
+    """One graph's outcome: ``built`` or ``skipped`` (cache hit), with why when it rebuilt (empty for
+    a first build)."""
 
     graph: str
     path: Path
@@ -140,7 +141,8 @@ def build_engines(export_dir: Path, options: BuildOptions | None = None) -> list
         write_atomic(path, lambda f, data=built.engine: f.write(data))
         manifest = manifest.with_engine(recipe.built(sha256(path), round(built.seconds, 3)))
         manifest.write()
-        records.append(EngineRecord(graph, path, "built", built.seconds, len(built.engine), reason))
+        why = reason if old is not None or options.rebuild else ""  # a first build needs no reason
+        records.append(EngineRecord(graph, path, "built", built.seconds, len(built.engine), why))
     return records
 
 

@@ -26,16 +26,24 @@ import numpy as np
 from gms_deploy.backends.base import Runner
 from gms_deploy.errors import UsageError
 from gms_deploy.io.frames import Frame, InputError
-from gms_deploy.io.inputs import Source, discover, read_frames
-from gms_deploy.io.outputs import OutputPaths, ResultRow, ResultsTable, overlay, write_npy, write_png
+from gms_deploy.io.inputs import Source, discover, frame_count, read_frames
+from gms_deploy.io.outputs import (
+    RESULTS,
+    OutputPaths,
+    ResultRow,
+    ResultsTable,
+    folder_lock,
+    overlay,
+    write_npy,
+    write_png,
+)
 from gms_deploy.messages import one_line, reason, shown
-from gms_deploy.postprocess import Box, area_mm2, paste, roi_box
+from gms_deploy.postprocess import Area, Box, area_mm2, paste, roi_box
 from gms_deploy.segment import Segmentation, Segmenter, segmenter_for
 from gms_deploy.stream import Prefetch, Writer
 
 log = logging.getLogger(__name__)
 
-RESULTS = "results.csv"
 READERS = min(4, os.cpu_count() or 1)
 Roi = Literal["none", "dicom"]
 
@@ -62,10 +70,36 @@ class InferReport:
     skipped: int = 0
     files: int = 0
     failures: list[str] = field(default_factory=list)
+    seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
         return not self.failures
+
+
+def summary_line(report: InferReport, out_dir: Path) -> str:
+    """The run in one line, as every driver ends: frames, files, failures, seconds, frames per second."""
+    rate = report.frames / report.seconds if report.seconds > 0 else 0.0
+    line = (
+        f"{report.frames} frame(s) from {report.files} file(s) -> {shown(out_dir)} in {report.seconds:.1f} s "
+        f"({rate:.1f} frames/s)"
+    )
+    if report.skipped:
+        line += f"; {report.skipped} skipped (outputs exist; --overwrite replaces them)"
+    return line + (f"; {len(report.failures)} FAILED" if report.failures else "")
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a run stands, for a progress bar: frames counted as soon as a file says how many it holds."""
+
+    frames: int
+    """Frames done: segmented, skipped (outputs exist) or failed."""
+    frames_total: int
+    """The best estimate so far: every opened file's frame count, one frame for each file not yet opened."""
+    files: int
+    files_total: int
+    failures: int
 
 
 @dataclass
@@ -93,11 +127,18 @@ class _Skipped:
 
 
 @dataclass
+class _FileStart:
+    """A file opened: how many frames it holds, where it says (None: one, or unknown)."""
+
+    frames: int | None
+
+
+@dataclass
 class _FileDone:
     """The end of one file's events."""
 
 
-_Event = _Item | _Failed | _Skipped | _FileDone
+_Event = _Item | _Failed | _Skipped | _FileStart | _FileDone
 
 
 @dataclass
@@ -162,10 +203,10 @@ class _Ledger:
                 frame=frame.index,
                 output=str(item.outputs.mask),
                 area_px=area_px,
-                area_mm2=area,
+                area_mm2=area.mm2,
                 seconds=item.seconds + share + time.perf_counter() - begin,
                 status="ok",
-                message="",
+                message=area.why,
             )
         )
 
@@ -174,12 +215,13 @@ def run_inference(
     inputs: Sequence[Path],
     runner: Runner,
     options: InferOptions,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[Progress], None] | None = None,
     segmenter: Segmenter | None = None,
 ) -> InferReport:
-    """Segment every frame under ``inputs``; ``progress(done, total)`` is called per file.
+    """Segment every frame under ``inputs``; ``progress`` is told after every batch and file.
 
     ``segmenter`` defaults to the fused pipeline for a torch runner on a GPU, the host one otherwise.
+    Ctrl-C is raised on once the outputs already computed are written and listed.
     """
     if options.batch_size < 1 or options.readers < 1:
         raise UsageError(
@@ -191,8 +233,21 @@ def run_inference(
         raise UsageError(f"{shown(options.out_dir)}: cannot be the output folder: {reason(err)}") from None
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"{options.out_dir}: exists and is not a folder")
+    with folder_lock(out_dir, shown(options.out_dir)):
+        return _run(inputs, runner, options, out_dir, progress, segmenter)
+
+
+def _run(
+    inputs: Sequence[Path],
+    runner: Runner,
+    options: InferOptions,
+    out_dir: Path,
+    progress: Callable[[Progress], None] | None,
+    segmenter: Segmenter | None,
+) -> InferReport:
+    started = time.perf_counter()
     table = ResultsTable(out_dir / RESULTS)
-    try:  # before any frame is read: a folder that cannot be written fails the run at once, in one line
+    try:
         table.flush()
     except OSError as err:
         raise UsageError(f"{shown(options.out_dir)}: cannot be the output folder: {reason(err)}") from None
@@ -201,7 +256,7 @@ def run_inference(
     report = InferReport()
     ledger = _Ledger(report, table)
     sources, errors = discover(inputs)
-    sources = [s for s in sources if not s.path.resolve().is_relative_to(out_dir)]
+    counter = _Counter(len(sources), report, progress)
     # Frames held ahead of the network: about two batches, however many files are read at once.
     depth = max(2, options.batch_size // options.readers)
     produce = partial(_file_events, segmenter=segmenter, options=options)
@@ -218,22 +273,71 @@ def run_inference(
                     batch.append(event)
                     if len(batch) == options.batch_size:
                         _run_batch(batch, segmenter, threshold, options.save_prob, ledger, writer)
+                        counter.frames_done(options.batch_size)
                 elif isinstance(event, _Failed):
                     writer.submit(partial(ledger.fail, event))
+                    counter.frames_done(1)
                 elif isinstance(event, _Skipped):
                     report.skipped += 1
+                    counter.frames_done(1)
+                elif isinstance(event, _FileStart):
+                    counter.file_opened(event.frames)
                 else:
                     report.files += 1
-                    if progress is not None:
-                        progress(report.files, len(sources))
+                    counter.file_done()
+            done = len(batch)
             _run_batch(batch, segmenter, threshold, options.save_prob, ledger, writer)
+            counter.frames_done(done)
     finally:  # Ctrl-C included: the rows of every finished output reach results.csv
         ledger.flush()
+    if not (report.frames or report.skipped or report.failures):
+        report.failures.append(f"no frame segmented from {', '.join(shown(Path(i)) for i in inputs)}")
+    report.seconds = time.perf_counter() - started
     return report
 
 
+class _Counter:
+    """``Progress`` kept up to date from the main loop's events, and handed to the caller's callback."""
+
+    def __init__(self, files: int, report: InferReport, callback: Callable[[Progress], None] | None) -> None:
+        self.report, self.callback = report, callback
+        self.files_total, self.frames_total, self.frames = files, files, 0
+
+    def file_opened(self, frames: int | None) -> None:
+        self.frames_total += (frames or 1) - 1
+        self._tell()
+
+    def frames_done(self, count: int) -> None:
+        if count:
+            self.frames += count
+            self._tell()
+
+    def file_done(self) -> None:
+        self._tell()
+
+    def _tell(self) -> None:
+        if self.callback is not None:
+            self.frames_total = max(self.frames_total, self.frames)
+            done = Progress(
+                self.frames, self.frames_total, self.report.files, self.files_total, len(self.report.failures)
+            )
+            self.callback(done)
+
+
 def _file_events(source: Source, segmenter: Segmenter, options: InferOptions) -> Iterator[_Event]:
-    """A reader thread's work for one file: every frame, prepared, then the file's end."""
+    """A reader thread's work for one file: its frame count, every frame prepared, then the file's end.
+
+    A warning about the file is said once, with its frame count, however many frames it concerns.
+    """
+    count = frame_count(source)
+    yield _FileStart(count)
+    said: set[str] = set()
+
+    def warn(message: str) -> None:
+        if message not in said:
+            said.add(message)
+            log.warning("%s", message + (f" ({count}-frame file)" if count and count > 1 else ""))
+
     frames = read_frames(source)
     while True:
         start = time.perf_counter()
@@ -250,7 +354,7 @@ def _file_events(source: Source, segmenter: Segmenter, options: InferOptions) ->
         if frame is None:
             break
         try:
-            event: _Event = _prepare(frame, segmenter, options, start)
+            event: _Event = _prepare(frame, segmenter, options, start, warn)
         except Exception as err:  # a frame the reader took but preparing it failed: it alone fails
             message = f"{shown(frame.source)}: cannot prepare frame {frame.index or 0}: {one_line(err)}"
             event = _Failed(frame.source, frame.index, message)
@@ -258,7 +362,9 @@ def _file_events(source: Source, segmenter: Segmenter, options: InferOptions) ->
     yield _FileDone()
 
 
-def _prepare(frame: Frame, segmenter: Segmenter, options: InferOptions, start: float) -> _Item | _Skipped:
+def _prepare(
+    frame: Frame, segmenter: Segmenter, options: InferOptions, start: float, warn: Callable[[str], None]
+) -> _Item | _Skipped:
     wanted = ("mask",) + ("prob",) * options.save_prob + ("overlay",) * options.overlay
     outputs = OutputPaths.for_frame(options.out_dir, frame.rel, frame.index)
     todo = frozenset(k for k in wanted if options.overwrite or not getattr(outputs, k).exists())
@@ -266,7 +372,7 @@ def _prepare(frame: Frame, segmenter: Segmenter, options: InferOptions, start: f
         return _Skipped()
     box = roi_box(frame.regions) if options.roi == "dicom" else None
     if options.roi == "dicom" and box is None:
-        log.warning("%s: no 2D ultrasound region to crop to; segmenting the whole frame", shown(frame.source))
+        warn(f"{shown(frame.source)}: no trusted 2D ultrasound region to crop to; segmenting the whole frame")
     pixels = frame.pixels if box is None else frame.pixels[box[1] : box[3], box[0] : box[2]]
     return _Item(frame, outputs, todo, box, segmenter.prepare(pixels), time.perf_counter() - start)
 
@@ -303,7 +409,7 @@ def _run_batch(
     writer.submit(ledger.flush)
 
 
-def _write(item: _Item, result: Segmentation) -> tuple[int, float | None]:
+def _write(item: _Item, result: Segmentation) -> tuple[int, Area]:
     frame = item.frame
     mask = result.mask if item.box is None else paste(result.mask, item.box, frame.height, frame.width)
     if "prob" in item.todo and result.prob is not None:

@@ -149,8 +149,11 @@ def _to_fp16(fp32_path: Path, calibration: np.ndarray, data_max: float) -> onnx.
     """
     from modelopt.onnx.autocast import convert_to_mixed_precision
 
-    # AutoCast logs every node it keeps FP32 at INFO; show its warnings only, unless debugging.
+    # AutoCast logs every node it keeps FP32 at INFO, and warns of inputs it cannot type and tiny
+    # weights it rounds on every export: its warnings with -v, all of it when debugging.
     level = logging.INFO if log.isEnabledFor(logging.DEBUG) else logging.WARNING
+    if not log.isEnabledFor(logging.INFO):
+        level = logging.ERROR
     for name in ("modelopt.onnx", "modelopt.onnx.autocast"):
         logging.getLogger(name).setLevel(level)
     model = onnx.load(str(fp32_path), load_external_data=False)

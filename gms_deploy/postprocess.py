@@ -8,6 +8,7 @@ edge falls where the probability crosses the threshold, not on the 224 grid.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -29,8 +30,14 @@ def to_mask(prob: np.ndarray, threshold: float) -> np.ndarray:
 
 
 def roi_box(regions: Sequence[UltrasoundRegion]) -> Box | None:
-    """The ultrasound image to segment: the largest 2D tissue region, ignoring Doppler and M-mode."""
-    tissue = [r for r in regions if r.spatial_format == 1]
+    """The ultrasound image to segment: the largest 2D tissue region, ignoring Doppler and M-mode.
+
+    A distrusted region gives no crop either: it overran the image because the pixels were rescaled
+    or cropped after it was written, so its box sits elsewhere than the tissue (pydicom's halved
+    examples_ybr_color.dcm would lose a quarter of its sector). Segmenting the whole frame instead
+    loses nothing.
+    """
+    tissue = [r for r in regions if r.spatial_format == 1 and not r.distrust]
     if not tissue:
         return None
     best = max(tissue, key=lambda r: (r.x1 - r.x0) * (r.y1 - r.y0))
@@ -45,16 +52,31 @@ def paste(mask: np.ndarray, box: Box, height: int, width: int) -> np.ndarray:
     return full
 
 
-def area_mm2(mask: np.ndarray, regions: Sequence[UltrasoundRegion]) -> float | None:
+@dataclass(frozen=True)
+class Area:
+    """A mask's physical area; ``mm2`` None where there is none, and ``why`` (one line) where the file
+    claimed a physical size that cannot be trusted, so a blank area is not mistaken for no calibration.
+    """
+
+    mm2: float | None
+    why: str = ""
+
+
+def area_mm2(mask: np.ndarray, regions: Sequence[UltrasoundRegion]) -> Area:
     """Mask area in mm^2, counting only pixels inside 2D tissue regions calibrated in cm.
 
     A pixel inside two regions counts once, with the first region's spacing (DICOM lists regions
-    in no particular order, but overlapping calibrated regions do not occur in practice). None
-    where no calibrated region exists: an area in pixels must never pass for one in mm^2.
+    in no particular order, but overlapping calibrated regions do not occur in practice). No area
+    where no calibrated region exists: an area in pixels must never pass for one in mm^2. Nor where
+    any calibrated region is distrusted: whatever rescaled or cropped the pixels under it may have
+    moved or rescaled those under the others, nothing tells which, and an area that may be 4x wrong
+    is worse than none.
     """
     calibrated = [r for r in regions if r.is_tissue_2d_cm]
     if not calibrated:
-        return None
+        return Area(None)
+    if distrusted := next((r for r in calibrated if r.distrust), None):
+        return Area(None, f"{distrusted.distrust}; no area")
     counted = np.zeros(mask.shape, dtype=bool)
     total = 0.0
     for region in calibrated:
@@ -62,4 +84,4 @@ def area_mm2(mask: np.ndarray, regions: Sequence[UltrasoundRegion]) -> float | N
         inside = mask[window] & ~counted[window]
         total += float(inside.sum()) * region.mm2_per_pixel
         counted[window] = True
-    return total
+    return Area(total)

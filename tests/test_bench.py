@@ -7,6 +7,8 @@ asserted, since the figures on a shared CI machine mean nothing.
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from typer.testing import CliRunner
 
 from gms_deploy.backends import BackendError, ModelSource
 from gms_deploy.bench import BenchConfig, BenchRecord, BenchResult, run_bench
-from gms_deploy.bench_report import format_table, plot, write_json
+from gms_deploy.bench_report import bench_figure, format_table, plot, write_json
 from gms_deploy.bundle import ModelBundle
 from gms_deploy.cli import app
 from gms_deploy.versions import environment
@@ -121,9 +123,31 @@ def test_json_and_plot(ort_result: BenchResult, ort_records: list[BenchRecord], 
     assert len(data["records"]) == len(ort_records)
     for record in data["records"]:
         assert set(REQUIRED) | {"device", "status", "stages_ms"} <= set(record)
-    plot(tmp_path / "bench.png", ort_records)
+    plot(tmp_path / "bench.png", ort_records, environment())
     png = (tmp_path / "bench.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+
+
+def test_plot_names_the_machine_and_date_and_reads_in_plain_numbers(tmp_path: Path) -> None:
+    """Latencies within one decade get log-axis minor labels, which matplotlib writes as 4x10^1."""
+    records = [
+        BenchRecord(
+            "torch", "fp32", "cpu", image_size=224, batch_size=batch, latency_ms_p50=ms, throughput_img_s=ips
+        )
+        for batch, ms, ips in ((1, 31.0, 32.3), (2, 44.0, 45.5), (4, 71.0, 56.3), (8, 120.0, 66.7))
+    ]
+    env = {"date": "2025-03-04T05:06:07+00:00", "cpu": "Test CPU 9000", "gpu": None}
+    figure = bench_figure(records, env)
+    figure.savefig(tmp_path / "bench.png")
+    assert "Test CPU 9000" in figure.get_suptitle() and "2025-03-04" in figure.get_suptitle()
+    latency, throughput = figure.axes
+    assert latency.get_ylabel() == "ms" and throughput.get_ylabel() == "images/s"
+    for axes in figure.axes:
+        labels = [t.get_text() for minor in (False, True) for t in axes.get_yticklabels(minor=minor)]
+        shown = [label for label in labels if label]
+        assert shown and all(re.fullmatch(r"[0-9.]+", label) for label in shown), labels
+    gpu = [replace(r, device="cuda") for r in records]
+    assert "NVIDIA H200" in bench_figure(gpu, env | {"gpu": "NVIDIA H200"}).get_suptitle()
 
 
 def test_version_says_what_a_bug_report_needs() -> None:

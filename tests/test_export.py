@@ -259,3 +259,30 @@ def test_engines_are_judged_by_the_layer_export_validation_uses(
 
     broken = validate.compare_graphs(manifest.settings, model, real, [("gms", "fp16", lambda: nan)])
     assert all(not r.ok and r.note.startswith("NaN/Inf at the output") for r in broken.rows)
+
+
+def test_export_keeps_library_noise_out_unless_v(tiny_bundle: ModelBundle, tmp_path: Path) -> None:
+    """torch's Constant folding UserWarnings and ModelOpt's warnings used to fill every export's log."""
+    import subprocess
+    import sys
+
+    def export(out: str, *flags: str) -> str:
+        command = [
+            sys.executable,
+            "-m",
+            "gms_deploy",
+            *flags,
+            "export",
+            "--model",
+            str(tiny_bundle.vae.parent),
+        ]
+        command += ["--out", str(tmp_path / out), "--precision", "fp16", "--no-validate"]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        return done.stderr
+
+    quiet, verbose = export("quiet"), export("verbose", "-v")
+    assert quiet.strip().splitlines() == [
+        line for line in quiet.strip().splitlines() if "graph(s) ->" in line
+    ]
+    assert "Constant folding" in verbose or "modelopt" in verbose  # what -v lets through

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from gms_deploy.backends import open_runner
 from gms_deploy.backends.torch_eager import TorchRunner
 from gms_deploy.bundle import ModelBundle
 from gms_deploy.cli import app
-from gms_deploy.infer import InferOptions, run_inference
+from gms_deploy.infer import InferOptions, Progress, run_inference
 from gms_deploy.segment import segmenter_for
 
 cli = CliRunner()
@@ -190,14 +191,18 @@ def test_colliding_output_names_fail_the_second_file(tmp_path: Path, tiny_bundle
 
 
 def test_roi_crop_and_physical_area(tmp_path: Path, tiny_bundle: ModelBundle) -> None:
-    """The palette example holds a 2D region in cm, partly outside the image, and a Doppler strip."""
-    source = Path(get_testdata_file("examples_palette.dcm"))
-    ds = pydicom.dcmread(source)
+    """The palette example with its 2D region (in cm) mended to end on the image's last row, and its
+    Doppler strip removed: cropped to the region, and an area in mm² from its spacing."""
+    ds = pydicom.dcmread(get_testdata_file("examples_palette.dcm"))
     tissue = next(r for r in ds.SequenceOfUltrasoundRegions if r.RegionSpatialFormat == 1)
+    tissue.RegionLocationMaxY1 = ds.Rows - 1
+    ds.SequenceOfUltrasoundRegions = [tissue]
+    source = tmp_path / "palette.dcm"
+    ds.save_as(source)
     out = tmp_path / "out"
     report = run_inference([source], TorchRunner(tiny_bundle), InferOptions(out, roi="dicom", threshold=0.01))
     assert report.ok and report.frames == 1
-    mask = _mask(out / "examples_palette_mask.png") > 0
+    mask = _mask(out / "palette_mask.png") > 0
     assert mask.shape == (ds.Rows, ds.Columns)
     inside = np.zeros_like(mask)
     inside[
@@ -207,7 +212,19 @@ def test_roi_crop_and_physical_area(tmp_path: Path, tiny_bundle: ModelBundle) ->
     assert mask.any() and not (mask & ~inside).any()
     (row,) = _rows(out)
     expected = mask.sum() * abs(tissue.PhysicalDeltaX * tissue.PhysicalDeltaY) * 100
-    assert float(row["area_mm2"]) == pytest.approx(expected, rel=1e-6)
+    assert float(row["area_mm2"]) == pytest.approx(expected, rel=1e-6) and row["message"] == ""
+
+
+def test_no_area_from_a_region_that_overruns_the_image(tmp_path: Path, tiny_bundle: ModelBundle) -> None:
+    """pydicom's palette example: its tissue region reaches row 518 of 350, so its spacing describes
+    other pixels. The mask is written; the area is blank and the row says why."""
+    out = tmp_path / "out"
+    source = Path(get_testdata_file("examples_palette.dcm"))
+    report = run_inference([source], TorchRunner(tiny_bundle), InferOptions(out, roi="dicom"))
+    assert report.ok and report.frames == 1
+    (row,) = _rows(out)
+    assert row["status"] == "ok" and row["area_mm2"] == "" and row["area_px"] != ""
+    assert "(120,60)-(800,518) overruns the 800 x 350 image" in row["message"] and "no area" in row["message"]
 
 
 class _FailingSecondBatch(TorchRunner):
@@ -287,8 +304,8 @@ def test_results_csv_that_cannot_be_written_mid_run_is_one_failure(
     """Its place taken by a folder once the run is going: the masks are still written, the run fails."""
     out = tmp_path / "out"
 
-    def block_the_table(done: int, total: int) -> None:
-        if done == 1:
+    def block_the_table(done: Progress) -> None:
+        if done.files == 1 and not (out / "results.csv").is_dir():
             (out / "results.csv").unlink()
             (out / "results.csv").mkdir()
 
@@ -340,3 +357,122 @@ def test_a_model_that_overflows_fails_each_frame_and_writes_no_mask(
     assert report.frames == 0
     assert report.failures == [f"{tree / 'patient1' / 'a.png'}: torch gave NaN or Inf probabilities; no mask"]
     assert not list(out.rglob("*.png")) and _rows(out)[0]["status"] == "failed"
+
+
+def test_nothing_named_is_dropped_and_outputs_among_inputs_are_passed_over(
+    tiny_bundle: ModelBundle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An input inside the output folder used to be dropped in silence: `0 frame(s)`, exit 0."""
+    same = tmp_path / "same"
+    same.mkdir()
+    Image.fromarray(np.arange(1200, dtype=np.uint16).reshape(30, 40)).save(same / "grey16.tif")
+    Image.new("RGB", (20, 16), "white").save(same / "b.png")
+    model = tiny_bundle.vae.parent
+    monkeypatch.chdir(tmp_path)
+    code, output = _invoke("infer", "same/grey16.tif", "--out", ".", "--model", model)
+    assert code == 0 and "1 frame(s) from 1 file(s)" in output, output
+    assert (tmp_path / "grey16_mask.png").is_file()
+    for _ in range(2):  # the second time, its own masks are outputs, not inputs
+        code, output = _invoke("-v", "infer", "same", "--out", "same", "--model", model)
+        assert code == 0 and "from 2 file(s)" in output, output
+    assert "same/b_mask.png: skipped, an output of gms-deploy" in output
+    assert not list(same.rglob("*_mask_mask.png"))
+    monkeypatch.chdir(same)
+    code, output = _invoke("infer", ".", "--out", "..", "--model", model)
+    assert code == 0 and "2 frame(s) from 2 file(s)" in output, output
+    assert (same / "same" / "b_mask.png").is_file() or (same / "b_mask.png").is_file()
+
+
+def test_an_output_folder_below_the_input_is_skipped_and_said_with_v(
+    tree: Path, tiny_bundle: ModelBundle
+) -> None:
+    model = tiny_bundle.vae.parent
+    args = (
+        "infer",
+        tree / "patient1" / "visit2",
+        "--out",
+        tree / "patient1" / "visit2" / "out",
+        "--model",
+        model,
+    )
+    first = _invoke(*args)
+    second = _invoke("-v", *args)
+    assert first[0] == second[0] == 0 and "1 frame(s) from 1 file(s)" in first[1]
+    assert "0 frame(s) from 1 file(s)" in second[1] and "1 skipped (outputs exist" in second[1]
+    assert "visit2/out: skipped, an output folder of gms-deploy (its results.csv)" in second[1]
+
+
+def test_zero_frames_from_named_inputs_is_a_failure(tiny_bundle: ModelBundle, tmp_path: Path) -> None:
+    only_outputs = tmp_path / "masks"
+    only_outputs.mkdir()
+    (only_outputs / "notes.txt").write_text("nothing to segment")
+    code, output = _invoke(
+        "-v", "infer", only_outputs, "--out", tmp_path / "o", "--model", tiny_bundle.vae.parent
+    )
+    assert code == 1 and "folder holds no image or DICOM files" in output
+    assert "notes.txt: skipped, neither an image nor DICOM" in output  # -v names what it ignored
+
+
+def test_two_runs_into_one_folder_at_once_are_refused(
+    tree: Path, tiny_bundle: ModelBundle, tmp_path: Path
+) -> None:
+    from gms_deploy.io.outputs import folder_lock
+
+    out = tmp_path / "out"
+    with folder_lock(out, "out"):  # what a first run holds while it writes
+        code, output = _invoke(
+            "infer", tree / "patient1" / "a.png", "--out", out, "--model", tiny_bundle.vae.parent
+        )
+    assert code == 2 and "another gms-deploy run is writing here" in output
+    assert not list(out.iterdir())  # it wrote nothing, not even a results.csv
+    code, output = _invoke(
+        "infer", tree / "patient1" / "a.png", "--out", out, "--model", tiny_bundle.vae.parent
+    )
+    assert code == 0 and not list(out.glob(".*"))  # and the lock leaves no file behind
+
+
+def test_progress_counts_frames_with_the_total_known_early(
+    tree: Path, tiny_bundle: ModelBundle, tmp_path: Path
+) -> None:
+    seen: list[Progress] = []
+    cine = tree / "patient1" / "cine.dcm"
+    report = run_inference(
+        [cine, tree / "patient1" / "a.png"],
+        TorchRunner(tiny_bundle),
+        InferOptions(tmp_path / "o", batch_size=8),
+        seen.append,
+    )
+    assert report.frames == 31
+    assert seen[0].frames == 0 and seen[0].frames_total == 31  # the cine's NumberOfFrames, at once
+    assert [p.frames for p in seen if p.frames] == sorted(p.frames for p in seen if p.frames)
+    assert seen[-1] == Progress(31, 31, 2, 2, 0)
+
+
+def test_the_summary_line_and_ctrl_c_line(tree: Path, tiny_bundle: ModelBundle, tmp_path: Path) -> None:
+    from gms_deploy import cli as cli_module
+
+    code, output = _invoke(
+        "infer", tree / "patient1", "--out", tmp_path / "o", "--model", tiny_bundle.vae.parent
+    )
+    summary = output.strip().splitlines()[-1]
+    assert code == 0 and re.fullmatch(
+        r"32 frame\(s\) from 3 file\(s\) -> \S+ in [\d.]+ s \([\d.]+ frames/s\)", summary
+    )
+    interrupted = CliRunner()
+    original = cli_module.run_inference
+
+    def ctrl_c_after_the_first_batch(inputs, runner, options, progress=None):  # type: ignore[no-untyped-def]
+        return original(inputs, _InterruptedRunner(tiny_bundle), options, progress)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cli_module, "run_inference", ctrl_c_after_the_first_batch)
+        done = interrupted.invoke(
+            app,
+            ["infer", str(tree / "patient1" / "cine.dcm"), "--out", str(tmp_path / "c"), "--batch-size", "4"],
+        )
+    assert done.exit_code == 130
+    assert (
+        "interrupted after 4 of 30 frame(s)" in done.output
+        and "the same command again resumes" in done.output
+    )
+    assert len(_rows(tmp_path / "c")) == 4

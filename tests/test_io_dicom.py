@@ -64,12 +64,19 @@ def test_ybr_cine_is_converted_to_rgb_exactly_once(caplog: pytest.LogCaptureFixt
     # grey-scale ultrasound: the channels agree, as they would not after a second conversion
     channel_means = cine[0][1].reshape(-1, 3).mean(axis=0)
     assert np.ptp(channel_means) < 1.0
-    # its one region reaches past the (rescaled) image: clipped, and the clip reported
+    # its one region was written for the 640 x 480 original: clipped, distrusted, said once for 30 frames
     [region] = cine[0][2]
+    assert all(regions == (region,) for _, _, regions in cine)
     assert (region.x0, region.y0, region.x1, region.y1) == (84, 31, 320, 240)
     assert region.is_tissue_2d_cm
     assert region.delta_x == pytest.approx(0.05104970559477806)
-    assert f"{path}: ultrasound region 1 clipped" in caplog.text
+    assert region.distrust == (
+        "ultrasound region 1 (84,31)-(595,414) overruns the 320 x 240 image: "
+        "its box and spacing describe other pixels"
+    )
+    assert [record.getMessage() for record in caplog.records] == [
+        f"{path}: {region.distrust}; no area and no crop come from it"
+    ]
 
 
 def test_jpeg2k_ybr_rct_is_the_rgb_example_at_twice_the_size() -> None:
@@ -83,7 +90,7 @@ def test_jpeg2k_ybr_rct_is_the_rgb_example_at_twice_the_size() -> None:
     assert np.abs(twice - small).mean() > 20
 
 
-def test_palette_is_applied_and_its_regions_clipped_or_skipped(caplog: pytest.LogCaptureFixture) -> None:
+def test_palette_is_applied_and_its_regions_distrusted_or_skipped(caplog: pytest.LogCaptureFixture) -> None:
     path = dicom_example("examples_palette.dcm")
     with caplog.at_level(logging.WARNING):
         [(index, pixels, regions)] = frames(path)
@@ -92,11 +99,18 @@ def test_palette_is_applied_and_its_regions_clipped_or_skipped(caplog: pytest.Lo
     wide = apply_color_lut(ds.pixel_array, ds)  # 16-bit entries, all multiples of 256
     assert pixels.dtype == np.uint8 and pixels.shape == (350, 800, 3)
     np.testing.assert_array_equal(pixels, wide >> 8)
-    assert regions == (
-        UltrasoundRegion(120, 60, 800, 350, 1, 3, 3, 0.02622878766196998, 0.02622878766196998),
+    distrust = (
+        "ultrasound region 1 (120,60)-(800,518) overruns the 800 x 350 image: "
+        "its box and spacing describe other pixels"
     )
-    assert f"{path}: ultrasound region 1 clipped" in caplog.text
-    assert f"{path}: ultrasound region 2 skipped" in caplog.text
+    assert regions == (
+        UltrasoundRegion(120, 60, 800, 350, 1, 3, 3, 0.02622878766196998, 0.02622878766196998, distrust),
+    )
+    assert [record.getMessage() for record in caplog.records] == [
+        f"{path}: {distrust}; no area and no crop come from it",
+        f"{path}: ultrasound region 2 skipped: box (176,522)-(743,576) and the 800 x 350 image "
+        "do not overlap",
+    ]
 
 
 def test_big_endian_and_compressed_copies_decode_like_the_original() -> None:
@@ -145,6 +159,16 @@ def test_without_a_window_stored_values_scale_by_bits_stored() -> None:
     np.testing.assert_allclose(only_pixels(ct)[:, :, 0], (stored(ct) + 32768.0) / 65535, atol=1e-7)
     nm = dicom_example("JPGExtended.dcm")  # 12 bits stored in 16
     np.testing.assert_allclose(only_pixels(nm)[:, :, 1], stored(nm) / 4095, atol=1e-7)
+
+
+def test_bits_above_bits_stored_are_not_part_of_the_value(tmp_path: Path) -> None:
+    """12 bits in 16 span [0, 1]; bits set above BitsStored (old overlay planes) are dropped, not scaled."""
+    grey = random_uint((7, 5), np.uint16) >> 4
+    ds = dicom_dataset(grey, "MONOCHROME2", 12)
+    ds.PixelData = (grey | 0xF000).astype("<u2").tobytes()
+    pixels = only_pixels(write_dicom(tmp_path / "high.dcm", ds))
+    np.testing.assert_allclose(pixels[:, :, 0], grey / 4095, atol=1e-7)
+    assert pixels.max() == 1.0
 
 
 def test_16bit_rgb_rle_cine() -> None:
@@ -209,13 +233,17 @@ def test_cine_cut_short_yields_the_good_frames_then_names_the_bad_one(tmp_path: 
 
 
 def _broken_dicoms(tmp_path: Path) -> dict[str, Path]:
-    files = {name: tmp_path / f"{name}.dcm" for name in ("text", "noise", "empty", "cut", "plan")}
+    names = ("text", "noise", "empty", "cut", "plan", "structure set", "ion plan")
+    files = {name: tmp_path / f"{name}.dcm" for name in names}
     files["text"].write_text("patient notes\nnot DICOM\n")
     files["noise"].write_bytes(np.random.default_rng(1).bytes(3000))
     files["empty"].write_bytes(b"")
     rgb = dicom_example("examples_rgb_color.dcm").read_bytes()
     files["cut"].write_bytes(rgb[: len(rgb) // 2])
     files["plan"].write_bytes(dicom_example("rtplan.dcm").read_bytes())
+    # Neither has the preamble: datasets written without the file format, which pydicom still reads.
+    files["structure set"].write_bytes(dicom_example("rtstruct.dcm").read_bytes())
+    files["ion plan"].write_bytes(dicom_example("ExplVR_LitEndNoMeta.dcm").read_bytes())
 
     no_pixels = dicom_dataset(random_uint((7, 5), np.uint8))
     del no_pixels.PixelData
@@ -283,7 +311,9 @@ def test_broken_files_raise_one_line_errors_naming_the_file(tmp_path: Path) -> N
         reasons[what] = caught.value.problem
     assert reasons["text"] == reasons["noise"] == reasons["empty"] == "not DICOM"
     assert "less than expected" in reasons["cut"]
-    assert reasons["plan"] == "DICOM file holds no image (no pixel data)"
+    assert reasons["plan"] == "DICOM (RT Plan) holds no image (no pixel data)"
+    assert reasons["structure set"] == "DICOM (RT Structure Set) holds no image (no pixel data)"
+    assert reasons["ion plan"] == "DICOM (RT Ion Plan) holds no image (no pixel data)"
     assert "no 'Pixel Data'" in reasons["no pixel data"]
     assert "MPEG2" in reasons["no decoder"] and "not supported" in reasons["no decoder"]
     assert reasons["zero frames"] == "zero frames"
@@ -313,29 +343,36 @@ def region_item(box: tuple[int, int, int, int], **overrides: object) -> Dataset:
     return item
 
 
-def test_regions_are_exclusive_clipped_and_invalid_ones_skipped(caplog: pytest.LogCaptureFixture) -> None:
+def test_regions_are_exclusive_clipped_distrusted_and_invalid_ones_skipped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     ds = Dataset()
     ds.SequenceOfUltrasoundRegions = [
         region_item((0, 0, 9, 19)),
-        region_item((10, 10, 50, 50)),
+        region_item((10, 10, 41, 31)),  # two pixels past the image: other pixels
         region_item((0, 0, 9, 9), PhysicalDeltaX=None),
         region_item((60, 0, 70, 9)),
         region_item((20, 5, 10, 9)),
         region_item((5, 25, 9, 29), RegionSpatialFormat=4, PhysicalUnitsYDirection=0),
+        region_item((0, 0, 40, 30)),  # Max = width: the off-by-one of inclusive bounds, trusted
     ]
     with caplog.at_level(logging.WARNING):
         regions = read_regions(ds, height=30, width=40, path=Path("scan.dcm"))
+    distrust = (
+        "ultrasound region 2 (10,10)-(41,31) overruns the 40 x 30 image: "
+        "its box and spacing describe other pixels"
+    )
     assert regions == (
         UltrasoundRegion(0, 0, 10, 20, 1, 3, 3, 0.01, -0.02),
-        UltrasoundRegion(10, 10, 40, 30, 1, 3, 3, 0.01, -0.02),
+        UltrasoundRegion(10, 10, 40, 30, 1, 3, 3, 0.01, -0.02, distrust),
         UltrasoundRegion(5, 25, 10, 30, 4, 3, 0, 0.01, -0.02),
+        UltrasoundRegion(0, 0, 40, 30, 1, 3, 3, 0.01, -0.02),
     )
     assert regions[0].mm2_per_pixel == pytest.approx(0.02)
     assert not regions[2].is_tissue_2d_cm
     messages = [record.getMessage() for record in caplog.records]
     assert messages == [
-        "scan.dcm: ultrasound region 2 clipped: box (10,10)-(50,50) and the 40 x 30 image differ, "
-        "so its spacing may not fit these pixels",
+        f"scan.dcm: {distrust}; no area and no crop come from it",
         "scan.dcm: ultrasound region 3 skipped: no PhysicalDeltaX",
         "scan.dcm: ultrasound region 4 skipped: box (60,0)-(70,9) and the 40 x 30 image do not overlap",
         "scan.dcm: ultrasound region 5 skipped: box (20,5)-(10,9) and the 40 x 30 image do not overlap",
@@ -344,3 +381,21 @@ def test_regions_are_exclusive_clipped_and_invalid_ones_skipped(caplog: pytest.L
 
 def test_no_region_sequence_means_no_regions() -> None:
     assert read_regions(Dataset(), height=3, width=3, path=Path("x.dcm")) == ()
+
+
+def test_modalities_unlike_the_training_data_are_named_once_per_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    photo = dicom_dataset(random_uint((7, 5, 3), np.uint8), "RGB")
+    photo.Modality = "XC"
+    unnamed = dicom_dataset(random_uint((7, 5), np.uint8))  # no Modality: nothing to say
+    ct, dose = dicom_example("CT_small.dcm"), dicom_example("rtdose.dcm")  # rtdose: a 15-frame dose grid
+    with caplog.at_level(logging.WARNING):
+        for path in (ct, dose, dicom_example("examples_rgb_color.dcm")):
+            frames(path)
+        frames(write_dicom(tmp_path / "photo.dcm", photo))
+        frames(write_dicom(tmp_path / "unnamed.dcm", unnamed))
+    assert [record.getMessage() for record in caplog.records] == [
+        f"{ct}: modality CT (not ultrasound); segmented anyway, the model was not trained on it",
+        f"{dose}: modality RTDOSE (not ultrasound); segmented anyway, the model was not trained on it",
+    ]

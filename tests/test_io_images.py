@@ -8,6 +8,7 @@ import struct
 import zlib
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import tifffile
@@ -55,11 +56,15 @@ def test_8bit_modes_mean_what_the_official_path_means(corpus: dict[str, Path], s
 
 
 @pytest.mark.parametrize("channels", [1, 2, 3, 4])
-def test_16bit_png_scales_by_65535_and_drops_alpha(tmp_path: Path, channels: int) -> None:
+def test_16bit_png_scales_by_65535_and_drops_alpha(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, channels: int
+) -> None:
     samples = random_uint((H, W, channels), np.uint16, seed=channels)
     path = tmp_path / "deep.png"
     path.write_bytes(png_bytes(samples))
-    pixels = read_image(path)
+    with caplog.at_level(logging.WARNING):
+        pixels = read_image(path)
+    assert not caplog.records
     colour = samples[:, :, :3] if channels >= 3 else np.repeat(samples[:, :, :1], 3, axis=2)
     assert pixels.dtype == np.float32
     assert pixels.shape == (H, W, 3)
@@ -89,6 +94,84 @@ def test_16bit_tiff_scales_by_65535(tmp_path: Path, samples: np.ndarray, options
     np.testing.assert_array_equal(pixels, (colour / 65535.0).astype(np.float32))
 
 
+def with_chunk(png: bytes, kind: bytes, data: bytes) -> bytes:
+    """``png`` with one more chunk right after IHDR (where sBIT and eXIf may stand)."""
+    chunk = struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    end_of_ihdr = 8 + 8 + 13 + 4
+    return png[:end_of_ihdr] + chunk + png[end_of_ihdr:]
+
+
+def twelve_bit(shape: tuple[int, ...]) -> np.ndarray:
+    return random_uint(shape, np.uint16) >> 4  # 0 to 4095, both present
+
+
+@pytest.mark.parametrize("stored", ["as the standard asks", "unscaled"])
+def test_16bit_png_with_sbit_scales_by_its_significant_bits(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, stored: str
+) -> None:
+    values = twelve_bit((H, W, 3))
+    # The standard's way: the 12 bits on top, repeated into the low ones. Some writers skip that.
+    samples = (values << 4) | (values >> 8) if stored == "as the standard asks" else values
+    path = tmp_path / "sbit.png"
+    path.write_bytes(with_chunk(png_bytes(samples), b"sBIT", bytes([12, 12, 12])))
+    with caplog.at_level(logging.WARNING):
+        pixels = read_image(path)
+    np.testing.assert_array_equal(pixels, (values / 4095.0).astype(np.float32))
+    assert not caplog.records
+
+
+def test_16bit_png_using_12_bits_is_scaled_by_65535_and_said_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    values = twelve_bit((H, W))
+    path = tmp_path / "narrow.png"
+    assert cv2.imwrite(str(path), values)
+    with caplog.at_level(logging.WARNING):
+        pixels = read_image(path)
+    np.testing.assert_array_equal(pixels[:, :, 0], (values / 65535.0).astype(np.float32))
+    assert [record.getMessage() for record in caplog.records] == [
+        f"{path}: the image uses only 12 of its 16 bits (largest value 4095) and declares no smaller range, "
+        "so it is scaled by 65535 and comes out nearly black; rescale the file to its full 16-bit range"
+    ]
+
+
+def test_16bit_tiff_with_max_sample_value_scales_by_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    values = twelve_bit((H, W, 3))
+    path = tmp_path / "declared.tif"
+    tifffile.imwrite(path, values, photometric="rgb", extratags=[(281, "H", 3, (4095, 4095, 4095), True)])
+    with caplog.at_level(logging.WARNING):
+        pixels = read_image(path)
+    np.testing.assert_array_equal(pixels, (values / 4095.0).astype(np.float32))
+    assert not caplog.records
+
+
+def test_12bit_tiff_scales_by_4095(tmp_path: Path) -> None:
+    values = twelve_bit((H, W))
+    path = tmp_path / "packed.tif"
+    tifffile.imwrite(path, values, bitspersample=12)
+    np.testing.assert_array_equal(read_image(path)[:, :, 0], (values / 4095.0).astype(np.float32))
+
+
+@pytest.mark.parametrize(("photometric", "looks"), [("minisblack", "black"), ("miniswhite", "white")])
+def test_16bit_tiff_using_12_bits_is_scaled_by_65535_and_said_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, photometric: str, looks: str
+) -> None:
+    values = twelve_bit((H, W))
+    path = tmp_path / "narrow.tif"
+    tifffile.imwrite(path, values, photometric=photometric, extratags=[(281, "H", 1, 65535, True)])
+    with caplog.at_level(logging.WARNING):
+        pixels = read_image(path)
+    unit = (values / 65535.0).astype(np.float32)
+    np.testing.assert_array_equal(pixels[:, :, 0], 1 - unit if photometric == "miniswhite" else unit)
+    assert [record.getMessage() for record in caplog.records] == [
+        f"{path}: the image uses only 12 of its 16 bits (largest value 4095) and declares no smaller range, "
+        f"so it is scaled by 65535 and comes out nearly {looks}; rescale the file to its full 16-bit range "
+        "(or state it in MaxSampleValue)"
+    ]
+
+
 def test_16bit_miniswhite_tiff_is_inverted(tmp_path: Path) -> None:
     samples = random_uint((H, W), np.uint16)
     path = tmp_path / "white.tif"
@@ -109,14 +192,67 @@ def test_multipage_tiff_reads_the_first_page_and_says_so(
     assert "3 pages" in caplog.text and str(path) in caplog.text
 
 
-def test_exif_orientation_is_not_applied(tmp_path: Path) -> None:
-    """The official path ignores EXIF orientation; applying it would show the model another picture."""
-    pixels = random_uint((H, W, 3), np.uint8)
+def _exif(orientation: int) -> Image.Exif:
     exif = Image.Exif()
-    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
-    path = tmp_path / "rotated.png"
-    Image.fromarray(pixels).save(path, exif=exif)
-    np.testing.assert_array_equal(read_image(path), pixels)
+    exif[0x0112] = orientation
+    return exif
+
+
+def _rotated_files(folder: Path, orientation: int) -> dict[str, Path]:
+    """One file per reader that ignores EXIF orientation, with ``orientation`` set."""
+    pixels = random_uint((H, W, 3), np.uint8)
+    files = {suffix: folder / f"rotated.{suffix}" for suffix in ("png", "jpg")}
+    for path in files.values():
+        Image.fromarray(pixels).save(path, exif=_exif(orientation))
+    files["16-bit png"] = folder / "rotated16.png"
+    deep = png_bytes(random_uint((H, W, 3), np.uint16))
+    files["16-bit png"].write_bytes(with_chunk(deep, b"eXIf", _exif(orientation).tobytes()))
+    return files
+
+
+def test_exif_orientation_is_not_applied_but_said_once_per_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The official path ignores EXIF orientation; applying it would show the model another picture."""
+    files = _rotated_files(tmp_path, 6)  # "rotate 90 degrees clockwise to display"
+    with caplog.at_level(logging.WARNING):
+        for path in files.values():
+            pixels = read_image(path)
+            assert pixels.shape == (H, W, 3), path
+            if path.suffix == ".jpg":
+                with Image.open(path) as im:
+                    np.testing.assert_array_equal(pixels, np.asarray(im.convert("RGB")))
+    assert [record.getMessage() for record in caplog.records] == [
+        f"{path}: EXIF orientation 6 (viewers show it turned 90° clockwise) is ignored, as the official GMS "
+        "code ignores it: masks follow the stored pixels, not the picture viewers show"
+        for path in files.values()
+    ]
+
+
+def test_exif_orientation_1_says_nothing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        for path in _rotated_files(tmp_path, 1).values():
+            read_image(path)
+    assert not caplog.records
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_tiff_orientation_is_applied_at_every_depth_as_pillow_applies_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, orientation: int
+) -> None:
+    """Pillow transposes a TIFF by its Orientation tag as it loads it, so the official code sees it turned."""
+    pixels = random_uint((H, W, 3), np.uint8)
+    shallow, deep = tmp_path / "rotated.tif", tmp_path / "rotated16.tif"
+    Image.fromarray(pixels).save(shallow, exif=_exif(orientation))
+    wide = pixels.astype(np.uint16) * 257  # the same picture in 16 bits
+    tifffile.imwrite(deep, wide, photometric="rgb", extratags=[(274, "H", 1, orientation, True)])
+    with caplog.at_level(logging.WARNING):
+        eight, sixteen = read_image(shallow), read_image(deep)
+    with Image.open(shallow) as im:
+        np.testing.assert_array_equal(eight, np.asarray(im.convert("RGB")))
+    assert eight.shape == ((W, H, 3) if orientation >= 5 else (H, W, 3))
+    np.testing.assert_array_equal(sixteen, (eight / 255.0).astype(np.float32))
+    assert sixteen.flags.c_contiguous and not caplog.records
 
 
 def _truncated(source: Path, destination: Path) -> Path:

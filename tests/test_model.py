@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import tifffile
 import torch
 from diffusers import AutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+from io_corpus import dicom_dataset, write_dicom
 from PIL import Image
 from safetensors.torch import save_file, save_model
 
+from gms_deploy.backends import ModelSource
 from gms_deploy.bundle import ModelBundle
+from gms_deploy.errors import UsageError
 from gms_deploy.model.checkpoints import CheckpointError, read_state_dict
 from gms_deploy.model.gms import GMSModel
 from gms_deploy.model.mapper import (
@@ -29,6 +35,9 @@ from gms_deploy.model.mapper import (
 )
 from gms_deploy.model.vae import load_vae
 from gms_deploy.preprocess import preprocess
+from gms_deploy.train.phantom import write_dataset
+from gms_deploy.train.trainer import TrainConfig, train_mapper
+from gms_deploy.train.vae_trainer import VAEConfig, build_vae
 
 
 def _reference_shapes(tsv: Path) -> dict[str, list[int]]:
@@ -154,7 +163,7 @@ def test_bad_checkpoints_name_the_file_and_problem(parity_dir: Path, tmp_path: P
         "missing": (load_vae, tmp_path / "nope.ckpt", "no such file"),
         "empty": (load_vae, tmp_path / "empty.ckpt", "empty"),
         "truncated": (load_vae, _truncate(parity_dir / "vae_ldm.ckpt", tmp_path / "half.ckpt"), "truncated"),
-        "text": (load_mapper, tmp_path / "notes.pth", "not a PyTorch checkpoint"),
+        "text": (load_mapper, tmp_path / "notes.pth", "a text file, not a checkpoint"),
         "mapper_as_vae": (load_vae, parity_dir / "mapper.pth", "no VAE tensors"),
         "vae_as_mapper": (load_mapper, parity_dir / "vae_ldm.ckpt", "not a GMS mapper"),
         "vae_missing_key": (
@@ -204,13 +213,69 @@ def test_bad_checkpoints_name_the_file_and_problem(parity_dir: Path, tmp_path: P
         assert "\n" not in message, name
 
 
+def _trained_run(root: Path) -> Path:
+    """A real one-epoch training run: its folder holds the weights beside ``train_state.pth``."""
+    write_dataset(root / "data", 4, seed=0, size=(32, 32))
+    build_vae(VAEConfig(block_out_channels=(8, 8), norm_num_groups=8)).save_pretrained(root / "vae")
+    config = TrainConfig(image_size=32, epochs=1, warmup_epochs=0, batch_size=4, mapper_ch=8, device="cpu")
+    train_mapper(config, root / "data", root / "run", root / "vae", progress=False)
+    return root / "run"
+
+
+def test_a_file_that_is_no_checkpoint_says_what_it_is(tmp_path: Path) -> None:
+    """An image, archive, text or training state given for the weights is named, and no message
+    passes on PyTorch's advice to load with ``weights_only=False``, which would run the file's code."""
+    pixels = np.zeros((8, 8, 3), np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "scan.png")
+    Image.fromarray(pixels).save(tmp_path / "scan.jpg")
+    tifffile.imwrite(tmp_path / "scan.tif", pixels)
+    write_dicom(tmp_path / "scan.dcm", dicom_dataset(pixels[..., 0]))
+    with zipfile.ZipFile(tmp_path / "weights.zip", "w") as archive:
+        archive.writestr("weights/readme.txt", "unzip me")
+    (tmp_path / "gms.json").write_text(json.dumps({"format": "gms-deploy-bundle"}))
+    (tmp_path / "notes.pth").write_text("hello")
+    save_mapper(LatentMapper(NARROW), tmp_path / "mapper.pth")
+    mapper = torch.load(tmp_path / "mapper.pth", weights_only=True)["model"]
+    hparams = argparse.Namespace(lr=1e-4)  # what Lightning pickles beside the weights
+    torch.save({"model": mapper, "hparams": hparams}, tmp_path / "lightning.pth")
+    legacy = {"_use_new_zipfile_serialization": False}
+    torch.save({"model": mapper, "hparams": hparams}, tmp_path / "old.pth", **legacy)
+    torch.save({"epoch": 3, "notes": "hello"}, tmp_path / "scalars.pth")
+    run = _trained_run(tmp_path / "train")
+    pickled_code = (
+        "holds Python objects besides tensors (argparse.Namespace), which would run code to load; "
+        "re-save just the state dict"
+    )
+    cases = {
+        "scan.png": (load_vae, "a PNG image, not a checkpoint"),
+        "scan.jpg": (load_vae, "a JPEG image, not a checkpoint"),
+        "scan.tif": (load_vae, "a TIFF image, not a checkpoint"),
+        "scan.dcm": (load_mapper, "a DICOM file, not a checkpoint"),
+        "weights.zip": (load_mapper, "a zip archive, not a checkpoint"),
+        "gms.json": (load_vae, "a JSON file, not a checkpoint"),
+        "notes.pth": (load_mapper, "a text file, not a checkpoint"),
+        "lightning.pth": (load_mapper, pickled_code),
+        "old.pth": (load_mapper, pickled_code),
+        "scalars.pth": (load_mapper, "holds no tensors (keys: epoch, notes)"),
+        "train/run/train_state.pth": (
+            load_mapper,
+            "a training state (keys: optimizer, scheduler, epoch, ... (+3)); give best_model.pth",
+        ),
+    }
+    for name, (loader, expected) in cases.items():
+        with pytest.raises(CheckpointError) as caught:
+            loader(tmp_path / name)
+        assert str(caught.value) == f"{tmp_path / name}: {expected}", name
+    assert load_mapper(run / "best_model.pth").config.ch == 8
+
+
 def test_bundle_round_trip_and_bad_manifests(parity_dir: Path, tmp_path: Path) -> None:
     saved = ModelBundle(parity_dir / "vae_ldm.ckpt", parity_dir / "mapper.pth", name="parity").save(
         tmp_path / "b"
     )
     assert saved.name == "parity" and saved.vae.parent == tmp_path / "b"
     assert ModelBundle.load(tmp_path / "b" / "gms.json") == saved
-    with pytest.raises(FileExistsError):
+    with pytest.raises(UsageError, match=r"already holds a bundle$"):
         saved.save(tmp_path / "b")
     manifest = tmp_path / "b" / "gms.json"
     data = json.loads(manifest.read_text())
@@ -228,6 +293,15 @@ def test_bundle_round_trip_and_bad_manifests(parity_dir: Path, tmp_path: Path) -
             ModelBundle.load(tmp_path / "b")
     with pytest.raises(CheckpointError, match="not a model bundle"):
         ModelBundle.load(tmp_path)
+
+
+def test_a_model_path_that_does_not_exist_says_so(tmp_path: Path) -> None:
+    """A mistyped ``--model`` is not "a folder without gms.json": the folder is not there at all."""
+    for gone in (tmp_path / "nope", tmp_path / "nope" / "gms.json"):
+        for load in (ModelBundle.load, lambda path: ModelSource.of(path).weights("--backend torch")):
+            with pytest.raises(CheckpointError) as caught:
+                load(gone)
+            assert str(caught.value) == f"{gone}: no such file or folder"
 
 
 def test_tiny_models_are_fully_convolutional(tiny_bundle: ModelBundle) -> None:

@@ -14,7 +14,13 @@ Bit depth follows the ``Frame`` contract:
 * Anything deeper -> float32 in [0, 1]. Grey images with a VOI LUT or a window go through the
   Modality LUT/rescale and then that VOI (the first one: the standard makes it the default),
   which is how a viewer would show them; otherwise the stored values are scaled over the range
-  their BitsStored can hold (a linear rescale would not change that picture).
+  their BitsStored can hold (a linear rescale would not change that picture). pydicom masks the
+  bits above BitsStored and sign-extends signed values, so 12 bits in 16 span [0, 1] exactly.
+
+GMS was trained on ultrasound, histology, dermoscopy and endoscopy pictures. Files of those
+modalities, and the screen captures that ultrasound exports often are, are read silently; any other
+modality (CT, MR, NM, PT, RTDOSE, SEG...) is segmented as asked, with one warning per file, since
+the masks mean little there. A file without a Modality says nothing to warn about.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.datadict import dictionary_has_tag
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, iter_pixels
@@ -47,6 +54,10 @@ log = logging.getLogger(__name__)
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
 # What pydicom's decoders hand over as RGB (see the module docstring).
 RGB_PHOTOMETRICS = frozenset({"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT"})
+# Pictures like GMS's training data: ultrasound (US, intravascular IVUS), external-camera photos
+# (XC), dermoscopy (DMS), endoscopy (ES), microscopy (GM, SM), and secondary captures (OT, and SC,
+# not a defined term but written by some capture software).
+TRAINED_LIKE_MODALITIES = frozenset({"US", "IVUS", "XC", "DMS", "ES", "GM", "SM", "OT", "SC"})
 
 _BOX = ("RegionLocationMinX0", "RegionLocationMinY0", "RegionLocationMaxX1", "RegionLocationMaxY1")
 _CALIBRATION = (
@@ -77,10 +88,17 @@ def iter_dicom_frames(path: Path) -> Iterator[DicomFrame]:
         check_size(path, columns, rows)
         convert = _pixel_converter(path, ds)
         regions = read_regions(ds, rows, columns, path)
+        modality = _modality(ds)
     except InputError:
         raise
     except Exception as exc:  # malformed image attributes or palette tables
         raise InputError(path, f"invalid image attributes: {reason(exc)}") from exc
+    if modality and modality not in TRAINED_LIKE_MODALITIES:
+        log.warning(
+            "%s: modality %s (not ultrasound); segmented anyway, the model was not trained on it",
+            shown(path),
+            modality,
+        )
     frames = _decoded(path, ds)
     for index in range(count):
         where = "pixel data" if count == 1 else f"frame {index} of {count}"
@@ -98,19 +116,26 @@ def iter_dicom_frames(path: Path) -> Iterator[DicomFrame]:
 def read_regions(ds: Dataset, height: int, width: int, path: Path) -> tuple[UltrasoundRegion, ...]:
     """The usable items of SequenceOfUltrasoundRegions (0018,6011), boxes clipped to the image.
 
-    Real files carry regions that are incomplete or lie partly or wholly outside the stored image
-    (pydicom's own examples do, after their pixel data was cropped or rescaled); those are clipped
-    or skipped with a warning, because their spacing may no longer describe these pixels.
+    Read once per file, so each warning is said once however many frames share the regions. Real
+    files carry regions that are incomplete or lie partly or wholly outside the stored image
+    (pydicom's own examples do, after their pixel data was rescaled or cropped). Incomplete ones
+    and those wholly outside are skipped. One that overruns the image by more than a pixel on a
+    side describes other pixels, its box as much as its spacing (examples_ybr_color.dcm, halved
+    to 320 x 240, keeps a box for 640 x 480: clipped, it would cut off a quarter of the sector):
+    it is kept, clipped, with ``distrust`` set, so that no area and no crop comes from it while the
+    missing area can still be explained. An overrun of one pixel is the common off-by-one of
+    DICOM's inclusive Max bounds (a Max equal to the width): clipped and trusted.
     """
     regions = []
     for number, item in enumerate(ds.get("SequenceOfUltrasoundRegions") or (), start=1):
-        region = _region(item, height, width, f"{shown(path)}: ultrasound region {number}")
+        region = _region(item, height, width, number, path)
         if region is not None:
             regions.append(region)
     return tuple(regions)
 
 
-def _region(item: Dataset, height: int, width: int, name: str) -> UltrasoundRegion | None:
+def _region(item: Dataset, height: int, width: int, number: int, path: Path) -> UltrasoundRegion | None:
+    name = f"{shown(path)}: ultrasound region {number}"
     missing = [key for key in (*_BOX, *_CALIBRATION) if item.get(key) in (None, "")]
     if missing:
         log.warning("%s skipped: no %s", name, ", ".join(missing))
@@ -126,13 +151,21 @@ def _region(item: Dataset, height: int, width: int, name: str) -> UltrasoundRegi
         log.warning("%s skipped: physical delta is not finite", name)
         return None
     box = (max(x0, 0), max(y0, 0), min(max_x + 1, width), min(max_y + 1, height))
-    stated = f"box ({x0},{y0})-({max_x},{max_y}) and the {width} x {height} image"
+    stated = f"({x0},{y0})-({max_x},{max_y})"
     if box[0] >= box[2] or box[1] >= box[3]:
-        log.warning("%s skipped: %s do not overlap", name, stated)
+        log.warning("%s skipped: box %s and the %d x %d image do not overlap", name, stated, width, height)
         return None
-    if box != (x0, y0, max_x + 1, max_y + 1):
-        log.warning("%s clipped: %s differ, so its spacing may not fit these pixels", name, stated)
-    return UltrasoundRegion(*box, spatial_format, units_x, units_y, delta_x, delta_y)
+    overrun = max(-x0, -y0, max_x + 1 - width, max_y + 1 - height)
+    distrust = ""
+    if overrun > 1:
+        distrust = (
+            f"ultrasound region {number} {stated} overruns the {width} x {height} image: "
+            "its box and spacing describe other pixels"
+        )
+        log.warning("%s: %s; no area and no crop come from it", shown(path), distrust)
+    elif overrun == 1:
+        log.info("%s %s clipped by the one pixel of an inclusive-bound off-by-one", name, stated)
+    return UltrasoundRegion(*box, spatial_format, units_x, units_y, delta_x, delta_y, distrust)
 
 
 def _read_header(path: Path) -> Dataset:
@@ -148,8 +181,32 @@ def _read_header(path: Path) -> Dataset:
     except Exception as exc:
         raise InputError(path, f"cannot read DICOM header: {reason(exc)}") from exc
     if "Rows" not in ds or "Columns" not in ds:
-        raise InputError(path, "DICOM file holds no image (no pixel data)" if preamble else "not DICOM")
+        if not (preamble or _parsed_as_dicom(ds)):
+            raise InputError(path, "not DICOM")
+        raise InputError(path, f"DICOM{_object_name(ds)} holds no image (no pixel data)")
     return ds
+
+
+def _parsed_as_dicom(ds: Dataset) -> bool:
+    """Whether a file without the preamble held DICOM elements, not bytes that ``force=True`` accepted.
+
+    Forced, pydicom makes a dataset of nonsense elements out of any text or noise. Datasets written
+    without the file format (ACR-NEMA style images, RT plans and structure sets) open with group
+    0008 (SOP Class, Modality, dates), which nonsense rarely hits, and hardly ever with a known tag.
+    """
+    return any(map(dictionary_has_tag, ds.group_dataset(0x0008).keys()))
+
+
+def _object_name(ds: Dataset) -> str:
+    """`` (RT Structure Set)``: what the file holds, by its SOP class or else its modality, where it says."""
+    if sop := ds.get("SOPClassUID"):
+        uid = UID(str(sop))
+        return f" ({uid.name.removesuffix(' Storage') if uid.name != uid else f'SOP class {uid}'})"
+    return f" (modality {modality})" if (modality := _modality(ds)) else ""
+
+
+def _modality(ds: Dataset) -> str:
+    return " ".join(str(ds.get("Modality") or "").split()).upper()
 
 
 def _check_inflated_size(path: Path) -> None:
@@ -316,3 +373,11 @@ def _window(values: np.ndarray, center: float, width: float, function: str) -> n
     if span <= 0:  # LINEAR with width 1 is a threshold
         return (values > low).astype(np.float32)
     return np.clip((values - low) / span, 0.0, 1.0).astype(np.float32)
+
+
+def dicom_frame_count(path: Path) -> int | None:
+    """The frames a DICOM file says it holds, from its header alone; None where it cannot say."""
+    try:
+        return _frame_count(path, _read_header(path))
+    except InputError:
+        return None

@@ -29,6 +29,9 @@ class UltrasoundRegion:
     """One item of DICOM ``SequenceOfUltrasoundRegions``, its box already clipped to the image.
 
     ``x1``/``y1`` are exclusive (Python slice bounds), unlike DICOM's inclusive Max values.
+    ``distrust`` says why neither the box nor the spacing fit these pixels (the file was rescaled
+    or cropped after its regions were written: the region overran the image), empty when they do;
+    such a region still tells that the file claimed a physical size, so its absence can be explained.
     """
 
     x0: int
@@ -40,6 +43,7 @@ class UltrasoundRegion:
     units_y: int
     delta_x: float
     delta_y: float
+    distrust: str = ""
 
     @property
     def is_tissue_2d_cm(self) -> bool:

@@ -2,13 +2,20 @@
 
 8-bit sources go through ``PIL.Image.open(p).convert("RGB")`` and nothing else, because that is
 what the official GMS code feeds its model: grey becomes three equal channels, alpha is dropped,
-palettes are expanded, EXIF orientation and ICC profiles are ignored. Applying EXIF orientation
-would be friendlier to phone photos but would give the model a different picture than the one the
-released weights were evaluated on, so parity wins.
+palettes are expanded, ICC profiles are ignored, and so is the EXIF orientation of JPEG and PNG
+(the official ``data/image_dataset.py`` reads every image that way and calls no ``exif_transpose``).
+Applying it would be friendlier to phone photos but would give the model a different picture than
+the one the released weights were evaluated on, so parity wins; such a file gets a warning, since
+its mask does not line up with the picture viewers show. A TIFF's Orientation tag is another
+matter: Pillow applies it as it loads the pixels, so the official code does too, and so do the deep
+TIFF reader here and viewers.
 
 Deeper sources cannot take that path: Pillow silently cuts 16-bit RGB PNG and TIFF to 8 bits and
 clips (rather than scales) 16-bit grey on ``convert``. They are read by OpenCV (16-bit PNG) or
-tifffile (TIFF) and returned as float32 in [0, 1], scaled by the stated bit depth.
+tifffile (TIFF) and returned as float32 in [0, 1], scaled over the range the file declares: a
+TIFF's MaxSampleValue, a PNG's sBIT, else the full range of the stored bits. A file that declares
+nothing and uses only the low bits (12-bit data saved as 16 bits) comes out nearly black that way,
+but nothing tells that apart from a dark picture, so it is scaled as stored, with a warning.
 
 Multi-page TIFFs give their first page only, with a warning (Pillow does the same for animated PNG
 and MPO, silently): the pipeline's frames come from DICOM cines, and a page stack has no agreed
@@ -18,6 +25,7 @@ frame semantics (pyramid levels, channels, time) to mirror.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +51,31 @@ PILLOW_FORMATS = frozenset({"PNG", "JPEG", "MPO", "BMP", "DIB", "TIFF"})
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PNG_SAMPLES = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # IHDR colour type -> samples per pixel
+EXIF_ORIENTATION = 0x0112  # also TIFF's own Orientation tag
+# What viewers do with a picture of each EXIF orientation, and the same on a rows x columns array,
+# as Pillow transposes a TIFF; 1 (stored as shown) and invalid values are shown as stored.
+ORIENTATION_SHOWN = {
+    2: "mirrored left to right",
+    3: "turned 180°",
+    4: "mirrored top to bottom",
+    5: "mirrored across its main diagonal",
+    6: "turned 90° clockwise",
+    7: "mirrored across its anti-diagonal",
+    8: "turned 90° counter-clockwise",
+}
+ORIENTED: dict[int, Callable[[np.ndarray], np.ndarray]] = {
+    2: lambda pixels: pixels[:, ::-1],
+    3: lambda pixels: pixels[::-1, ::-1],
+    4: lambda pixels: pixels[::-1],
+    5: lambda pixels: pixels.swapaxes(0, 1),
+    6: lambda pixels: np.rot90(pixels, -1),
+    7: lambda pixels: pixels.swapaxes(0, 1)[::-1, ::-1],
+    8: lambda pixels: np.rot90(pixels, 1),
+}
+TIFF_MAX_SAMPLE_VALUE = 281
+# A deep image whose brightest sample is below 1/16 of its range (under 4096 in 16 bits) is much more
+# likely narrow data in a wide container than a picture that dark.
+NARROW_BITS_MARGIN = 4
 
 
 def check_size(path: Path, width: int, height: int, samples: int = 1, sample_bytes: int = 1) -> None:
@@ -72,8 +105,9 @@ def as_rgb(samples: np.ndarray) -> np.ndarray:
     raise ValueError(f"{channels} samples per pixel")
 
 
-def scale_to_unit(values: np.ndarray, bits: int, signed: bool = False) -> np.ndarray:
-    """Integer samples -> float32 in [0, 1] over the full range their bit depth can hold.
+def scale_to_unit(values: np.ndarray, bits: int, signed: bool = False, top: int | None = None) -> np.ndarray:
+    """Integer samples -> float32 in [0, 1] over the full range their bit depth can hold, or up to
+    ``top`` where the file declares a smaller maximum (values above it become 1).
 
     Up to 24 bits in float32 itself: the samples, the offset and the span are exact there, so the
     one rounding of the division gives what float64 would (rounded to float32), in half the memory.
@@ -81,7 +115,7 @@ def scale_to_unit(values: np.ndarray, bits: int, signed: bool = False) -> np.nda
     low = -(2 ** (bits - 1)) if signed else 0
     unit = values.astype(np.float32 if bits <= 24 else np.float64)
     unit -= low
-    unit /= 2**bits - 1
+    unit /= 2**bits - 1 if top is None else top - low
     return unit.clip(0.0, 1.0, out=unit).astype(np.float32, copy=False)
 
 
@@ -124,7 +158,49 @@ def _read_with_pillow(path: Path) -> np.ndarray:
             raise InputError(path, f"unsupported {im.format} pixel mode {im.mode}")
         if im.format in ("JPEG", "MPO") and (scans := _jpeg_scans(path)) > MAX_JPEG_SCANS:
             raise InputError(path, f"JPEG with {scans} scans, over the {MAX_JPEG_SCANS} limit")
-        return np.asarray(im.convert("RGB"))
+        rgb = np.asarray(im.convert("RGB"))
+        try:  # after convert: a PNG's eXIf may follow its pixels, and is only read with them
+            orientation = im.getexif().get(EXIF_ORIENTATION)
+        except Exception:  # EXIF Pillow cannot parse is no reason to refuse what the official code reads
+            orientation = None
+        _warn_orientation(path, orientation)
+        return rgb
+
+
+def _warn_orientation(path: Path, orientation: object) -> None:
+    if isinstance(orientation, int) and orientation in ORIENTATION_SHOWN:
+        log.warning(
+            "%s: EXIF orientation %s (viewers show it %s) is ignored, as the official GMS code ignores "
+            "it: masks follow the stored pixels, not the picture viewers show",
+            shown(path),
+            orientation,
+            ORIENTATION_SHOWN[orientation],
+        )
+
+
+def _undeclared_to_unit(
+    path: Path, samples: np.ndarray, bits: int, fix: str = "", inverted: bool = False
+) -> np.ndarray:
+    """Samples of a file that declares no range narrower than its ``bits`` -> [0, 1] over all of them.
+
+    Where the data uses only the low bits, the picture is scaled as stored anyway: guessing a range
+    would brighten real dark pictures, and the user can fix the file (``fix`` says how besides
+    rescaling). Said once per file.
+    """
+    if 0 < (peak := int(samples.max(initial=0))) < 2 ** (bits - NARROW_BITS_MARGIN):
+        log.warning(
+            "%s: the image uses only %d of its %d bits (largest value %d) and declares no smaller range, "
+            "so it is scaled by %d and comes out nearly %s; rescale the file to its full %d-bit range%s",
+            shown(path),
+            peak.bit_length(),
+            bits,
+            peak,
+            2**bits - 1,
+            "white" if inverted else "black",
+            bits,
+            fix,
+        )
+    return scale_to_unit(samples, bits)
 
 
 def _jpeg_scans(path: Path) -> int:
@@ -140,12 +216,64 @@ def _jpeg_scans(path: Path) -> int:
 def _read_png16(path: Path) -> np.ndarray:
     import cv2  # only here: Pillow cannot read 16-bit colour PNG without losing the low byte
 
-    decoded = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    decoded = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_UNCHANGED)  # no EXIF rotation
     if decoded is None or decoded.dtype != np.uint16:
         raise InputError(path, "cannot decode 16-bit PNG")
     if decoded.ndim == 3:
         decoded = decoded[:, :, [2, 1, 0, 3][: decoded.shape[2]]]  # OpenCV's BGR(A) -> RGB(A)
-    return as_rgb(scale_to_unit(decoded, 16))
+    chunks = _png_chunks(path, frozenset({b"sBIT", b"eXIf"}))
+    _warn_orientation(path, _exif_orientation(chunks.get(b"eXIf", b"")))
+    samples = as_rgb(decoded)
+    bits = _significant_bits(chunks.get(b"sBIT", b""), 1 if decoded.ndim == 2 or decoded.shape[2] == 2 else 3)
+    if bits is None:
+        return _undeclared_to_unit(path, samples, 16)
+    if samples.max(initial=0) >= 2**bits:
+        # Scaled up to 16 bits as the PNG standard asks: the top bits are the original value. A file
+        # whose values all fit in its sBIT depth holds them unscaled, as some writers store them.
+        samples = samples >> (16 - bits)
+    return scale_to_unit(samples, bits)
+
+
+def _png_chunks(path: Path, wanted: frozenset[bytes]) -> dict[bytes, bytes]:
+    """The first chunk of each ``wanted`` type, walking the others by their lengths without reading them.
+
+    The walk needs no CRCs (the decoder checks those): a chunk that claims more than 1 MiB is skipped,
+    as no sBIT or eXIf is that large.
+    """
+    found: dict[bytes, bytes] = {}
+    with path.open("rb") as f:
+        f.seek(len(PNG_MAGIC))
+        while len(head := f.read(8)) == 8 and head[4:] != b"IEND":
+            length, kind = int.from_bytes(head[:4], "big"), head[4:]
+            if kind in wanted and kind not in found and length <= 1 << 20:
+                found[kind] = f.read(length)
+                f.seek(4, 1)
+            else:
+                f.seek(length + 4, 1)
+    return found
+
+
+def _significant_bits(sbit: bytes, colours: int) -> int | None:
+    """The colour samples' depth an sBIT chunk states (the deepest where they differ), if under 16.
+
+    One depth for all colours keeps their balance; an invalid chunk (a zero, over 16, too short) is
+    ignored, as libpng ignores it.
+    """
+    if len(sbit) < colours or not all(1 <= depth <= 16 for depth in sbit[:colours]):
+        return None
+    bits = max(sbit[:colours])
+    return bits if bits < 16 else None
+
+
+def _exif_orientation(exif: bytes) -> object:
+    if not exif:
+        return None
+    parsed = Image.Exif()
+    try:
+        parsed.load(exif)
+    except Exception:  # unreadable EXIF: the picture is still what the file stores
+        return None
+    return parsed.get(EXIF_ORIENTATION)
 
 
 def _read_tiff(path: Path) -> np.ndarray:
@@ -170,7 +298,27 @@ def _read_tiff(path: Path) -> np.ndarray:
         samples = page.asarray()
         if page.axes.startswith("S"):
             samples = np.moveaxis(samples, 0, -1)
-        unit = scale_to_unit(samples, page.bitspersample)
-        if page.photometric == photometric.MINISWHITE:
+        samples, bits = as_rgb(samples), page.bitspersample
+        inverted = page.photometric == photometric.MINISWHITE
+        if top := _max_sample_value(page, 3 if page.photometric == photometric.RGB else 1):
+            unit = scale_to_unit(samples, bits, top=top)
+        else:
+            unit = _undeclared_to_unit(path, samples, bits, " (or state it in MaxSampleValue)", inverted)
+        if inverted:
             unit = 1.0 - unit
-        return as_rgb(unit)
+        orientation = getattr(page.tags.get(EXIF_ORIENTATION), "value", 1)
+        orient = ORIENTED.get(orientation) if isinstance(orientation, int) else None
+        return unit if orient is None else np.ascontiguousarray(orient(unit))
+
+
+def _max_sample_value(page: tifffile.TiffPage, colours: int) -> int | None:
+    """The largest colour value a TIFF declares (tag 281, per sample; the largest where they differ).
+
+    The default, the full range of BitsPerSample, and values outside it declare nothing narrower.
+    """
+    tag = page.tags.get(TIFF_MAX_SAMPLE_VALUE)
+    if tag is None:
+        return None
+    values = tag.value if isinstance(tag.value, tuple) else (tag.value,)
+    top = max(int(value) for value in values[:colours])
+    return top if 0 < top < 2**page.bitspersample - 1 else None

@@ -3,21 +3,31 @@
 A folder input mirrors into the output tree under its own name (``scans/a/b.dcm`` stays
 ``scans/a/b.dcm``), so two folders given together cannot write over each other; two inputs that
 would still land on the same output name are reported, not silently merged.
+
+Outputs may lie among inputs (``infer scans --out scans``, or ``--out scans/out``): a folder that
+this tool's results.csv marks is an output folder, and inside one the walk passes over the files
+named as outputs are (``x_mask.png``), and over output subfolders whole, saying so with ``-v``.
+Nothing named on the command line is dropped.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from gms_deploy.io.dicom import DICOM_SUFFIXES, has_dicom_preamble, iter_dicom_frames
+from gms_deploy.io.dicom import DICOM_SUFFIXES, dicom_frame_count, has_dicom_preamble, iter_dicom_frames
 from gms_deploy.io.frames import Frame, InputError
 from gms_deploy.io.images import IMAGE_SUFFIXES, read_image
-from gms_deploy.io.outputs import output_stem
+from gms_deploy.io.outputs import OUTPUT_ENDINGS, is_output_folder, output_stem
 from gms_deploy.messages import reason, shown
+
+log = logging.getLogger(__name__)
+# What a user who wrote ``--overlay true`` hands over as an input.
+FLAG_VALUES = frozenset({"true", "false", "yes", "no", "on", "off", "1", "0"})
 
 
 @dataclass(frozen=True)
@@ -52,6 +62,8 @@ def discover(inputs: Sequence[Path]) -> tuple[list[Source], list[InputError]]:
         elif kind == "file":
             found = [Source(given, Path(given.name))]
         else:
+            if kind == "no such file or folder" and given.name.lower() in FLAG_VALUES:
+                kind += f" (flags take no value: write --overlay, not --overlay {given.name})"
             errors.append(InputError(given, kind))
             continue
         for source in found:
@@ -92,11 +104,23 @@ def read_frames(source: Source) -> Iterator[Frame]:
         yield Frame(source=source.path, rel=source.rel, index=index, pixels=pixels, regions=regions)
 
 
+def frame_count(source: Source) -> int | None:
+    """How many frames ``read_frames`` will give, where the file says so from its header (a progress
+    bar's total); None where it cannot tell before decoding, the reader then says why."""
+    try:
+        if has_dicom_preamble(source.path) or source.path.suffix.lower() in DICOM_SUFFIXES:
+            return dicom_frame_count(source.path)
+    except OSError:
+        return None
+    return 1
+
+
 def _walk(folder: Path, errors: list[InputError]) -> list[tuple[Path, Path]]:
     """(path, rel) of the usable files below ``folder``, following links but never into a loop."""
     top = Path(folder.resolve().name if folder.name in ("", ".", "..") else folder.name)
     found = []
     seen: set[tuple[int, int]] = set()
+    outputs = _OutputFolders()
 
     def unlisted(exc: OSError) -> None:
         errors.append(InputError(exc.filename or folder, f"cannot list folder: {reason(exc)}"))
@@ -112,12 +136,38 @@ def _walk(folder: Path, errors: list[InputError]) -> list[tuple[Path, Path]]:
             dirs.clear()
             continue
         seen.add((info.st_dev, info.st_ino))
+        if Path(root) != folder and is_output_folder(Path(root)):
+            log.info("%s: skipped, an output folder of gms-deploy (its results.csv)", shown(Path(root)))
+            dirs.clear()
+            continue
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # sorted: which of two links wins is fixed
-        for name in files:
+        among_outputs = outputs.within(Path(root))
+        for name in sorted(files):
             path = Path(root, name)
-            if _wanted(path, errors):
+            if among_outputs and name.endswith(OUTPUT_ENDINGS):
+                log.info("%s: skipped, an output of gms-deploy", shown(path))
+            elif _wanted(path, errors):
                 found.append((path, top / path.relative_to(folder)))
     return sorted(found, key=lambda pair: pair[1].parts)
+
+
+class _OutputFolders:
+    """Whether a folder is, or lies inside, an output folder; each folder looked at once per walk."""
+
+    def __init__(self) -> None:
+        self._known: dict[Path, bool] = {}
+
+    def within(self, folder: Path) -> bool:
+        try:
+            folder = folder.resolve()
+        except (OSError, RuntimeError):
+            return False
+        for place in (folder, *folder.parents):
+            if place not in self._known:
+                self._known[place] = is_output_folder(place)
+            if self._known[place]:
+                return True
+        return False
 
 
 def _wanted(path: Path, errors: list[InputError]) -> bool:
@@ -125,7 +175,7 @@ def _wanted(path: Path, errors: list[InputError]) -> bool:
 
     A broken link, a FIFO or a device under an image's name would otherwise vanish from the run (or,
     read, block it); of unnamed files only those with the DICOM preamble are wanted, so the rest of
-    a folder's odd entries stay quiet.
+    a folder's odd entries stay quiet but for ``-v``.
     """
     if path.name.startswith(".") or path.name.upper() == "DICOMDIR":
         return False
@@ -133,7 +183,10 @@ def _wanted(path: Path, errors: list[InputError]) -> bool:
     try:
         kind = _kind(path)
         if kind == "file":
-            return named or has_dicom_preamble(path)
+            if named or has_dicom_preamble(path):
+                return True
+            log.info("%s: skipped, neither an image nor DICOM", shown(path))
+            return False
     except OSError as exc:
         kind = f"cannot read: {reason(exc)}"
     # Gone, or a folder now, since the folder was listed: another program's doing, not bad input.

@@ -7,10 +7,12 @@ so a file either holds the old content or the whole new one.
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal, get_args
@@ -51,7 +53,11 @@ class OutputPaths:
     @classmethod
     def for_frame(cls, out_dir: Path, rel: Path, index: int | None) -> OutputPaths:
         stem = output_stem(out_dir, rel, index)
-        return cls(*(stem.with_name(stem.name + end) for end in ("_mask.png", "_prob.npy", "_overlay.png")))
+        return cls(*(stem.with_name(stem.name + end) for end in OUTPUT_ENDINGS))
+
+
+OUTPUT_ENDINGS = ("_mask.png", "_prob.npy", "_overlay.png")
+"""How the files ``OutputPaths`` names end, in its order."""
 
 
 def write_png(path: Path, array: np.ndarray) -> None:
@@ -87,6 +93,7 @@ def overlay(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 Status = Literal["ok", "failed", "skipped"]
+RESULTS = "results.csv"
 FIELDS = ("source", "frame", "output", "area_px", "area_mm2", "seconds", "status", "message")
 
 
@@ -169,6 +176,40 @@ class ResultsTable:
             f"{shown(self.path)}: exists but is not a results table ({why}); "
             "move it away or write to another folder"
         )
+
+
+def is_output_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds this tool's results.csv: what marks a folder as outputs, not inputs."""
+    try:
+        with (Path(folder) / RESULTS).open(encoding="utf-8") as f:
+            return f.readline().rstrip("\r\n") == ",".join(FIELDS)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+@contextmanager
+def folder_lock(folder: Path, name: str) -> Iterator[None]:
+    """Held while a run writes into ``folder`` (``name``: as the user gave it). Two runs into one
+    folder would each rewrite results.csv whole, and the last would win, so the second is refused
+    at once; a folder that cannot be made or written is refused here too, before any frame is read.
+
+    The lock is on the folder itself (``flock`` of its descriptor), so no lock file is left in it.
+    """
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as err:
+        raise UsageError(f"{name}: cannot be the output folder: {reason(err)}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(
+                f"{name}: another gms-deploy run is writing here; wait for it, or give another --out"
+            ) from None
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def _cell(value: float | None, spec: str) -> str:

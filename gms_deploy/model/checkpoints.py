@@ -7,7 +7,10 @@ Users arrive with `.ckpt`/`.pt`/`.pth` pickles (LDM's ``{"state_dict": ...}``, G
 
 from __future__ import annotations
 
+import codecs
 import pickle
+import re
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -17,6 +20,18 @@ from gms_deploy.errors import CheckpointError
 from gms_deploy.messages import first_line, preview
 
 WRAPPER_KEYS = ("state_dict", "model", "module")
+SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"II*\x00", "a TIFF image"),
+    (b"MM\x00*", "a TIFF image"),
+    (b"II+\x00", "a TIFF image"),  # BigTIFF
+    (b"MM\x00+", "a TIFF image"),
+    (b"\x89HDF\r\n\x1a\n", "an HDF5 file"),
+    (b"\x1f\x8b", "a gzip file"),
+)
+"""What people hand over for weights by mistake: a scan, Keras weights, a compressed NIfTI."""
+_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -46,14 +61,61 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 def _read_pickle(path: Path) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            path,
-            "holds Python objects besides tensors, which would run code to load; "
-            f"re-save just the state dict ({first_line(err)})",
-        ) from None
     except Exception as err:  # torch.load of a damaged file raises almost anything
-        raise CheckpointError(path, f"truncated or not a PyTorch checkpoint ({first_line(err)})") from None
+        raise CheckpointError(path, _why_unreadable(path, err)) from None
+
+
+def _why_unreadable(path: Path, err: Exception) -> str:
+    """What the file is, where its first bytes tell. torch's own text is left out of unpickling
+    errors: it advises ``weights_only=False``, which would run the file's code."""
+    if (kind := _what_it_is(path)) is not None:
+        return f"{kind}, not a checkpoint"
+    if not isinstance(err, pickle.UnpicklingError):
+        return f"truncated or not a PyTorch checkpoint ({first_line(err)})"
+    if not _is_pickle(path):
+        return "not a checkpoint"
+    found = _GLOBAL.search(str(err))
+    return (
+        "holds Python objects besides tensors"
+        + (f" ({found[1]})" if found else "")
+        + ", which would run code to load; re-save just the state dict"
+    )
+
+
+def _what_it_is(path: Path) -> str | None:
+    """The kind of a file that is no checkpoint, from its first bytes; None for a pickle, a PyTorch
+    zip (perhaps truncated) or anything not recognised."""
+    with path.open("rb") as f:
+        head = f.read(4096)
+    kind = next((kind for signature, kind in SIGNATURES if head.startswith(signature)), None)
+    if kind is not None:
+        return kind
+    if head[128:132] == b"DICM":
+        return "a DICOM file"
+    if head.startswith(b"PK\x03\x04"):
+        return "a zip archive" if _is_torch_zip(path) is False else None
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(head)  # a character cut at 4096 is fine
+    except UnicodeDecodeError:
+        return None
+    if not all(c.isprintable() or c.isspace() for c in text):
+        return None
+    return "a JSON file" if text.lstrip().startswith(("{", "[")) else "a text file"
+
+
+def _is_torch_zip(path: Path) -> bool | None:
+    """Whether a zip holds ``torch.save``'s pickle; None where it cannot be read (truncated)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/data.pkl") for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return None
+
+
+def _is_pickle(path: Path) -> bool:
+    """``torch.save``'s two formats: a zip with ``data.pkl``, or (legacy) a protocol 2 pickle."""
+    with path.open("rb") as f:
+        return f.read(1) == b"\x80" or _is_torch_zip(path) is True
 
 
 def _unwrap(path: Path, loaded: object) -> dict[str, torch.Tensor]:
@@ -66,7 +128,10 @@ def _unwrap(path: Path, loaded: object) -> dict[str, torch.Tensor]:
         raise CheckpointError(path, "does not contain a state dict of tensors")
     tensors = {str(k): v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
     if not tensors:
-        raise CheckpointError(path, "does not contain any tensors")
+        keys = preview(str(k) for k in loaded)
+        if "optimizer" in loaded:  # the trainer's train_state.pth: what resuming needs, not the weights
+            raise CheckpointError(path, f"a training state (keys: {keys}); give best_model.pth")
+        raise CheckpointError(path, f"holds no tensors (keys: {keys})")
     return tensors
 
 

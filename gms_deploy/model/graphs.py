@@ -23,6 +23,7 @@ frames: 1.19e-3 with InstanceNormalization, 2.4e-5 with the two-level mean).
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from abc import ABC, abstractmethod
@@ -42,6 +43,7 @@ from gms_deploy.settings import Settings
 if TYPE_CHECKING:
     import onnx
 
+log = logging.getLogger(__name__)
 OPSET = 17
 
 
@@ -98,6 +100,8 @@ class TracedGraph(Graph):
             )
             # The two-level GroupNorm reads the group size, which the static spatial size fixes.
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=__name__)
+            if not log.isEnabledFor(logging.INFO):  # torch's notes on slices it cannot fold: noise but for -v
+                warnings.filterwarnings("ignore", message="Constant folding", category=UserWarning)
             torch.onnx.export(
                 module,
                 (sample,),

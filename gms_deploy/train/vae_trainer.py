@@ -21,9 +21,9 @@ from typing import BinaryIO
 import numpy as np
 import torch
 from diffusers import AutoencoderKL
-from tqdm import tqdm
 
 from gms_deploy.io.outputs import write_atomic
+from gms_deploy.progress import progress_bar
 from gms_deploy.train.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def train_vae(
     scheduler = warmup_cosine(optimizer, config.warmup_steps, config.steps)
     start = time.monotonic()
     recent: list[tuple[float, float, float]] = []
-    bar = tqdm(range(config.steps), desc="vae", disable=not progress, mininterval=10)
+    bar = progress_bar(range(config.steps), shown=progress, desc="vae", mininterval=10)
     for step in bar:
         x, n_masks = _batch(rng, images, masks, config)
         posterior = vae.encode(x).latent_dist
