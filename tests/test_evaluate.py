@@ -87,9 +87,9 @@ def test_bad_pairs_fail_alone_and_the_rest_is_scored(
     named = evaluate(data, TorchRunner(demo_bundle()), ["nobody", masks[3].stem])
     assert named.failures == [f"{data / 'images' / 'nobody'}.*: no such image"] and len(named.scores) == 1
 
-    cli = CliRunner().invoke(app, ["evaluate", "--data", str(data)])
+    cli = CliRunner().invoke(app, ["evaluate", "--data", str(data), "--out", str(tmp_path / "scores.csv")])
     assert cli.exit_code == 1 and "1 FAILED" in cli.output
-    assert (data / "scores.csv").is_file()
+    assert (tmp_path / "scores.csv").is_file() and not (data / "scores.csv").exists()
 
 
 def test_no_pairs_at_all_is_an_error(tmp_path: Path) -> None:

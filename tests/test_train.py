@@ -211,8 +211,9 @@ def test_cli_train_then_resume_then_evaluate(tmp_path: Path) -> None:
     assert again.exit_code == 0, again.output
     bundle = ModelBundle(demo_bundle().vae, tmp_path / "run" / "last_model.pth").with_settings(image_size=32)
     bundle.save(tmp_path / "bundle")
+    scores = ["--out", str(tmp_path / "scores.csv")]
     scored = cli.invoke(
-        app, ["evaluate", "--data", str(tmp_path / "data"), "--model", str(tmp_path / "bundle")]
+        app, ["evaluate", "--data", str(tmp_path / "data"), "--model", str(tmp_path / "bundle"), *scores]
     )
     assert scored.exit_code == 0, scored.output
     assert "dsc_224" in scored.output
