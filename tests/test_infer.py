@@ -476,3 +476,17 @@ def test_the_summary_line_and_ctrl_c_line(tree: Path, tiny_bundle: ModelBundle, 
         and "the same command again resumes" in done.output
     )
     assert len(_rows(tmp_path / "c")) == 4
+
+
+def test_a_warning_about_a_file_is_said_once_with_its_frame_count(
+    tiny_bundle: ModelBundle, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`--roi dicom` on a cine whose only region is distrusted said "no region" once per frame."""
+    cine = Path(get_testdata_file("examples_ybr_color.dcm"))
+    with caplog.at_level("WARNING", logger="gms_deploy"):
+        report = run_inference([cine], TorchRunner(tiny_bundle), InferOptions(tmp_path / "o", roi="dicom"))
+    assert report.frames == 30
+    said = [r.getMessage() for r in caplog.records if "no trusted 2D ultrasound region" in r.getMessage()]
+    assert said == [
+        f"{cine}: no trusted 2D ultrasound region to crop to; segmenting the whole frame (30-frame file)"
+    ]

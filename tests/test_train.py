@@ -206,6 +206,7 @@ def test_cli_train_then_resume_then_evaluate(tmp_path: Path) -> None:
     ]
     first = cli.invoke(app, [*args, "--epochs", "1"])
     assert first.exit_code == 0, first.output
+    assert "\r" not in first.output  # no progress bar's carriage returns in a log
     assert "best validation Dice" in first.output and (tmp_path / "run" / "best_model.pth").is_file()
     again = cli.invoke(app, [*args, "--epochs", "2", "--resume"])
     assert again.exit_code == 0, again.output
