@@ -112,6 +112,8 @@ class _Item:
     box: Box | None
     prepared: Any
     seconds: float
+    warn: Callable[[str], None]
+    """Says a warning about the frame's file, once for the file."""
 
 
 @dataclass
@@ -151,6 +153,7 @@ class _Ledger:
 
     report: InferReport
     table: ResultsTable
+    uncertain_limit: float
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def _record(self, row: ResultRow) -> None:
@@ -197,6 +200,15 @@ class _Ledger:
             message = f"{shown(frame.source)}: cannot write outputs: {one_line(err)}"
             self.fail(_Failed(frame.source, frame.index, message))
             return
+        notes = [area.why] if area.why else []
+        if result.uncertain > self.uncertain_limit:
+            notes.append(
+                f"{result.uncertain:.0%} of its probabilities uncertain, over {self.uncertain_limit:.0%}"
+            )
+            item.warn(
+                f"{shown(frame.source)}: looks unlike the images the model was trained on (over "
+                f"{self.uncertain_limit:.0%} of its probabilities between 0.3 and 0.7); check its mask by eye"
+            )
         self._record(
             ResultRow(
                 source=str(frame.source),
@@ -206,7 +218,9 @@ class _Ledger:
                 area_mm2=area.mm2,
                 seconds=item.seconds + share + time.perf_counter() - begin,
                 status="ok",
-                message=area.why,
+                message="; ".join(notes),
+                confidence=result.confidence,
+                uncertain=result.uncertain,
             )
         )
 
@@ -254,7 +268,7 @@ def _run(
     segmenter = segmenter or segmenter_for(runner)
     threshold = runner.settings.threshold if options.threshold is None else options.threshold
     report = InferReport()
-    ledger = _Ledger(report, table)
+    ledger = _Ledger(report, table, runner.settings.uncertain_limit)
     sources, errors = discover(inputs)
     counter = _Counter(len(sources), report, progress)
     # Frames held ahead of the network: about two batches, however many files are read at once.
@@ -374,7 +388,7 @@ def _prepare(
     if options.roi == "dicom" and box is None:
         warn(f"{shown(frame.source)}: no trusted 2D ultrasound region to crop to; segmenting the whole frame")
     pixels = frame.pixels if box is None else frame.pixels[box[1] : box[3], box[0] : box[2]]
-    return _Item(frame, outputs, todo, box, segmenter.prepare(pixels), time.perf_counter() - start)
+    return _Item(frame, outputs, todo, box, segmenter.prepare(pixels), time.perf_counter() - start, warn)
 
 
 def _run_batch(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -27,6 +28,26 @@ def upsample(prob: np.ndarray, height: int, width: int) -> np.ndarray:
 def to_mask(prob: np.ndarray, threshold: float) -> np.ndarray:
     """Strictly greater, as the official ``np.where(x > 0.5, 1, 0)``."""
     return prob > threshold
+
+
+UNCERTAIN = (0.3, 0.7)
+"""Probabilities this close to neither answer count as uncertain."""
+
+
+def confidence(probs: Any, threshold: float) -> tuple[Any, Any, Any]:
+    """Per frame of a B x S x S batch of probabilities (numpy or torch, on any device, so the fused
+    path computes it where its probabilities are): the mean probability inside the mask, the mask's
+    pixel count (the mean means nothing where it is 0), and the share of uncertain pixels.
+
+    A frame the model knows gives a confident mask (a mean near 1) over few uncertain pixels; a
+    frame unlike its training data tends to give many pixels near the threshold instead.
+    """
+    inside = probs > threshold
+    count = inside.sum((1, 2))
+    mean_inside = (probs * inside).sum((1, 2)) / count.clip(min=1)
+    low, high = UNCERTAIN
+    uncertain = (((probs >= low) & (probs <= high)) * 1.0).mean((1, 2))
+    return mean_inside, count, uncertain
 
 
 def roi_box(regions: Sequence[UltrasoundRegion]) -> Box | None:

@@ -27,7 +27,7 @@ import torch
 from gms_deploy.backends.base import DeviceRunner, Runner
 from gms_deploy.cuda_graphs import Graphed
 from gms_deploy.device_ops import frame_masks, preprocess_frames
-from gms_deploy.postprocess import to_mask, upsample
+from gms_deploy.postprocess import confidence, to_mask, upsample
 from gms_deploy.preprocess import preprocess
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,23 @@ class Segmentation:
     """S x S float32 at the network's size, where asked for."""
     finite: bool = True
     """False where the network gave NaN or Inf (an FP16 overflow, broken weights): the mask means nothing."""
+    confidence: float | None = None
+    """The mean probability inside the mask at the network's size; None where the mask is empty."""
+    uncertain: float = 0.0
+    """The share of the network-size probabilities between 0.3 and 0.7 (``postprocess.UNCERTAIN``)."""
+
+
+def _segmentations(
+    masks: Sequence[np.ndarray], probs: Sequence[np.ndarray | None], finite: Sequence[bool], stats: Any
+) -> list[Segmentation]:
+    """Each frame's result, with ``confidence``'s three per-frame arrays (on the host)."""
+    means, counts, uncertain = (np.asarray(s, dtype=np.float64) for s in stats)
+    return [
+        Segmentation(mask, prob, bool(ok), float(mean) if count else None, float(share))
+        for mask, prob, ok, mean, count, share in zip(
+            masks, probs, finite, means, counts, uncertain, strict=True
+        )
+    ]
 
 
 class Segmenter(ABC):
@@ -118,14 +135,12 @@ class HostSegmenter(Segmenter):
         threshold: float,
         keep_prob: bool,
     ) -> list[Segmentation]:
-        return [
-            Segmentation(
-                to_mask(upsample(prob, *shape), threshold),
-                prob if keep_prob else None,
-                bool(np.isfinite(prob).all()),
-            )
-            for prob, (_, shape) in zip(probs, batch, strict=True)
+        masks = [
+            to_mask(upsample(prob, *shape), threshold) for prob, (_, shape) in zip(probs, batch, strict=True)
         ]
+        kept = list(probs) if keep_prob else [None] * len(batch)
+        finite = [bool(np.isfinite(prob).all()) for prob in probs]
+        return _segmentations(masks, kept, finite, confidence(np.asarray(probs), threshold))
 
 
 class FusedSegmenter(Segmenter):
@@ -195,14 +210,16 @@ class FusedSegmenter(Segmenter):
         flat = torch.cat([*masks, torch.isfinite(probs).flatten(1).all(1).to(torch.uint8)])
         staging = self._host_buffer("masks", flat.numel())
         staging.copy_(flat, non_blocking=True)
-        kept = probs.cpu().numpy() if keep_prob else [None] * len(batch)  # synchronises, as does the next
+        stats = torch.stack([s.float() for s in confidence(probs, threshold)]).cpu().numpy()  # synchronises
+        kept = probs.cpu().numpy() if keep_prob else [None] * len(batch)
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
         *pieces, finite = staging.split([mask.numel() for mask in masks] + [len(batch)])
-        return [
-            Segmentation(piece.numpy().reshape(frame.shape[:2]).astype(bool), prob, bool(ok))
-            for piece, frame, prob, ok in zip(pieces, batch, kept, finite.tolist(), strict=True)
+        frames = [
+            piece.numpy().reshape(frame.shape[:2]).astype(bool)
+            for piece, frame in zip(pieces, batch, strict=True)
         ]
+        return _segmentations(frames, list(kept), [bool(ok) for ok in finite.tolist()], stats)
 
 
 def _alike(batch: Sequence[np.ndarray], with_dtype: bool) -> list[list[int]]:

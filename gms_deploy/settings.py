@@ -15,6 +15,7 @@ SCALE_FACTOR = 0.18215
 # (size / 8)^2 latent positions grows as size^4 (at 2048, a 64 K x 64 K score matrix), so a
 # larger size is a typo or a hostile file, not a model anyone can run.
 MAX_IMAGE_SIZE = 2048
+UNCERTAIN_LIMIT = 0.1
 
 
 def check_image_size(size: int) -> None:
@@ -30,9 +31,14 @@ class Settings:
     image_size: int = 224
     scale_factor: float = SCALE_FACTOR
     threshold: float = 0.5
+    uncertain_limit: float = UNCERTAIN_LIMIT
+    """A frame with a larger share of uncertain probabilities is said to look unlike the model's
+    training data (a warning, and the row's message); a bundle may set its own."""
 
     def __post_init__(self) -> None:
         check_image_size(self.image_size)
         check_types(Settings, asdict(self), "setting")
         if not 0.0 < self.threshold < 1.0:
             raise UsageError(f"threshold must lie strictly between 0 and 1, got {self.threshold}")
+        if not 0.0 < self.uncertain_limit <= 1.0:
+            raise UsageError(f"uncertain_limit must lie in (0, 1], got {self.uncertain_limit}")

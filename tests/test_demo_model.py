@@ -38,5 +38,7 @@ def test_quick_recipe_end_to_end(tmp_path: Path) -> None:
     bundle = ModelBundle.load(tmp_path / "bundle")
     assert bundle.name == demo_model.NAME and bundle.settings.image_size == demo_model.QUICK.image_size
     report = json.loads((tmp_path / "report.json").read_text())
-    assert 0.0 <= report["holdout"]["dsc"][0] <= 1.0
+    for family in ("holdout", "second_family"):
+        assert 0.0 <= report[f"{family}_lesions"]["dsc"][0] <= 1.0
+        assert 0.0 <= report[f"{family}_lesion_free"] <= 1.0
     assert len(list((tmp_path / "samples" / "images").glob("*.png"))) == len(SAMPLE_NAMES)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -156,17 +157,18 @@ def row(
 
 def test_results_table_writes_every_row_with_empty_unknowns(tmp_path: Path) -> None:
     table = ResultsTable(tmp_path / "results.csv")
-    table.add(row("a.png", None, area_mm2=12.3456))
-    table.add(row("cine.dcm", 0, area_mm2=None))
+    table.add(replace(row("a.png", None, area_mm2=12.3456), confidence=0.91234, uncertain=0.0123))
+    table.add(replace(row("cine.dcm", 0, area_mm2=None), uncertain=0.5))
     table.add(row("bad.dcm", None, "failed", area_px=None, seconds=None, message="bad.dcm: broken\nfile"))
     table.flush()
     assert read_csv(tmp_path / "results.csv") == [
         {"source": "a.png", "frame": "", "output": "out/a.png", "area_px": "10", "area_mm2": "12.346",
-         "seconds": "0.5000", "status": "ok", "message": ""},
+         "confidence": "0.9123", "uncertain": "0.0123", "seconds": "0.5000", "status": "ok", "message": ""},
         {"source": "cine.dcm", "frame": "0", "output": "out/cine.dcm", "area_px": "10", "area_mm2": "",
-         "seconds": "0.5000", "status": "ok", "message": ""},
+         "confidence": "", "uncertain": "0.5000", "seconds": "0.5000", "status": "ok", "message": ""},
         {"source": "bad.dcm", "frame": "", "output": "out/bad.dcm", "area_px": "", "area_mm2": "",
-         "seconds": "", "status": "failed", "message": "bad.dcm: broken file"},
+         "confidence": "", "uncertain": "", "seconds": "", "status": "failed",
+         "message": "bad.dcm: broken file"},
     ]  # fmt: skip
     assert files_in(tmp_path) == ["results.csv"]
 

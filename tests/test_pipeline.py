@@ -164,6 +164,12 @@ def test_fused_segmenter_on_the_cpu_gives_the_host_paths_masks(
         assert 0 < ref.mask.mean() < 1
         assert np.abs(got.prob - ref.prob).max() <= 1e-6
         assert np.array_equal(got.mask, ref.mask)
+        # the confidence columns, computed on the device by the same function as on the host
+        assert ref.confidence is not None and got.confidence == pytest.approx(ref.confidence, abs=1e-6)
+        assert got.uncertain == pytest.approx(ref.uncertain, abs=1e-6)
+        inside = ref.prob > threshold
+        assert ref.confidence == pytest.approx(float(ref.prob[inside].mean()), abs=1e-6)
+        assert ref.uncertain == pytest.approx(float(np.mean((ref.prob >= 0.3) & (ref.prob <= 0.7))))
 
 
 def test_host_runners_cannot_take_the_fused_path(tiny_onnx: Path) -> None:
@@ -341,6 +347,7 @@ def test_fused_pipeline_on_the_gpu_gives_the_cpu_masks(one_thread: None) -> None
     for a, b, *again in zip(cpu, gpu, *replays, strict=True):
         assert np.abs(a.prob - b.prob).max() <= 1e-4
         assert np.mean(a.mask != b.mask) <= 1e-3
+        assert b.uncertain == pytest.approx(a.uncertain, abs=1e-3)
         assert all(np.array_equal(b.mask, c.mask) for c in again)
 
 

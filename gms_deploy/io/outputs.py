@@ -94,7 +94,18 @@ def overlay(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 Status = Literal["ok", "failed", "skipped"]
 RESULTS = "results.csv"
-FIELDS = ("source", "frame", "output", "area_px", "area_mm2", "seconds", "status", "message")
+FIELDS = (
+    "source",
+    "frame",
+    "output",
+    "area_px",
+    "area_mm2",
+    "confidence",
+    "uncertain",
+    "seconds",
+    "status",
+    "message",
+)
 
 
 @dataclass(frozen=True)
@@ -109,6 +120,10 @@ class ResultRow:
     seconds: float | None
     status: Status
     message: str = ""
+    confidence: float | None = None
+    """The mean probability inside the mask (``segment.Segmentation``); None where it is empty."""
+    uncertain: float | None = None
+    """The share of the network-size probabilities between 0.3 and 0.7."""
 
     def __post_init__(self) -> None:
         if self.status not in get_args(Status):
@@ -121,6 +136,8 @@ class ResultRow:
             "output": shown(self.output),
             "area_px": _cell(self.area_px, "d"),
             "area_mm2": _cell(self.area_mm2, ".3f"),
+            "confidence": _cell(self.confidence, ".4f"),
+            "uncertain": _cell(self.uncertain, ".4f"),
             "seconds": _cell(self.seconds, ".4f"),
             "status": self.status,
             "message": " ".join(self.message.split()),

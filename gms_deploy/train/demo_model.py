@@ -5,7 +5,11 @@
 Every stage is seeded, and a stage whose output already exists in ``DIR`` is reused, so an
 interrupted run picks up where it stopped. ``DIR/bundle`` is what ships as
 ``gms_deploy/data/demo`` and ``DIR/samples`` as ``gms_deploy/data/samples``; ``DIR/report.json``
-holds the scores on 100 never-seen phantoms. ``--quick`` runs the same code on tiny settings in
+holds the scores on phantoms never used for training or for picking the checkpoint, of two
+families: the training generator's (``phantom.py``, other seeds) and one written apart from it
+(``holdout_phantoms.py``). Each family is scored twice: the Dice on phantoms with a lesion, and
+the empty-frame rate on phantoms without one (how often the model draws nothing where there is
+nothing). ``--quick`` runs the same code on tiny settings in
 seconds (the tests use it); its model is not meant to segment anything.
 
 Why 128 x 128 and not the paper's 224: the Dice term backpropagates through the VAE decoder,
@@ -29,6 +33,7 @@ from gms_deploy.backends.torch_eager import TorchRunner
 from gms_deploy.bundle import ModelBundle, Settings
 from gms_deploy.evaluate import ImageScores, evaluate, summarise
 from gms_deploy.train.data import load_pair
+from gms_deploy.train.holdout_phantoms import write_holdout_dataset
 from gms_deploy.train.phantom import SPLIT_FILE, make_phantom, write_dataset
 from gms_deploy.train.trainer import BEST, STATE, TrainConfig, train_mapper
 from gms_deploy.train.vae_trainer import VAEConfig, train_vae
@@ -116,7 +121,7 @@ def write_samples(out_dir: Path) -> list[Path]:
     (out_dir / "masks").mkdir(parents=True, exist_ok=True)
     paths = []
     for seed, size in SAMPLES:
-        phantom = make_phantom(seed, size)
+        phantom = make_phantom(seed, size, lesion=True)
         path = out_dir / "images" / f"phantom_{seed}.png"
         cv2.imwrite(str(path), phantom.image[..., ::-1])
         cv2.imwrite(str(out_dir / "masks" / path.name), phantom.mask.astype(np.uint8) * 255)
@@ -167,19 +172,32 @@ def _build(recipe: DemoRecipe, out: Path, progress: bool) -> dict[str, object]:
     bundle_dir = out / "bundle"
     if not (bundle_dir / "gms.json").is_file():
         ModelBundle(vae_dir, mapper_dir / BEST, settings, NAME).save(bundle_dir)
-    holdout_dir = out / "holdout"
-    if not (holdout_dir / SPLIT_FILE).is_file():
-        write_dataset(holdout_dir, recipe.n_holdout, recipe.holdout_seed, recipe.phantom_size, 1.0)
-    holdout_names = json.loads((holdout_dir / SPLIT_FILE).read_text())["test"]["name_list"]
     runner = TorchRunner(ModelBundle.load(bundle_dir))
     write_samples(out / "samples")
-    report = {
-        "holdout": summarise(_scored(holdout_dir, runner, holdout_names)),
+    report: dict[str, object] = {
         "test_split": summarise(_scored(data_dir, runner, split["test"]["name_list"])),
         "sample_dice": {s.name: s.dsc for s in _scored(out / "samples", runner)},
     }
+    families = {
+        "holdout": lambda where, n, seed, lesion: write_dataset(
+            where, n, seed, recipe.phantom_size, 1.0, lesion
+        ),
+        "second_family": write_holdout_dataset,
+    }
+    for family, write in families.items():
+        for lesion, what in ((True, "lesions"), (False, "lesion_free")):
+            where = out / f"{family}_{what}"
+            if not (where / "images").is_dir():
+                write(where, recipe.n_holdout, recipe.holdout_seed, lesion)
+            scores = _scored(where, runner)
+            report[f"{family}_{what}"] = summarise(scores) if lesion else empty_rate(scores)
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     return report
+
+
+def empty_rate(scores: list[ImageScores]) -> float:
+    """The share of lesion-free images whose mask came out empty: both empty is HD95 0 exactly."""
+    return sum(score.hd95 == 0.0 for score in scores) / len(scores)
 
 
 def _scored(data_dir: Path, runner: TorchRunner, names: list[str] | None = None) -> list[ImageScores]:
