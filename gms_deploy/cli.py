@@ -352,9 +352,9 @@ def build(
         targets=tuple(target_cc or ()),
         rebuild=rebuild,
     )
-    reference = ModelSource.from_flags(model, vae, mapper).weights("build --validate") if validate else None
-    if validate:
+    if validate:  # before the weights load: a machine without a GPU is told at once
         check_engines_can_run()
+    reference = ModelSource.from_flags(model, vae, mapper).weights("build --validate") if validate else None
     _build_engines(export_dir, options)
     if reference is not None:
         report = validate_engines(export_dir, reference, options.graphs, precision, calibration)

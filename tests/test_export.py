@@ -266,23 +266,9 @@ def test_export_keeps_library_noise_out_unless_v(tiny_bundle: ModelBundle, tmp_p
     import subprocess
     import sys
 
-    def export(out: str, *flags: str) -> str:
-        command = [
-            sys.executable,
-            "-m",
-            "gms_deploy",
-            *flags,
-            "export",
-            "--model",
-            str(tiny_bundle.vae.parent),
-        ]
-        command += ["--out", str(tmp_path / out), "--precision", "fp16", "--no-validate"]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr
-        return done.stderr
-
-    quiet, verbose = export("quiet"), export("verbose", "-v")
-    assert quiet.strip().splitlines() == [
-        line for line in quiet.strip().splitlines() if "graph(s) ->" in line
-    ]
-    assert "Constant folding" in verbose or "modelopt" in verbose  # what -v lets through
+    command = [sys.executable, "-m", "gms_deploy", "export", "--model", str(tiny_bundle.vae.parent)]
+    command += ["--out", str(tmp_path / "onnx"), "--precision", "fp16", "--no-validate"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "graph(s) ->" in lines[0], done.stderr

@@ -32,13 +32,23 @@ import torch
 from gms_deploy.backends.torch_eager import TorchRunner
 from gms_deploy.bundle import ModelBundle, Settings
 from gms_deploy.evaluate import ImageScores, evaluate, summarise
-from gms_deploy.train.data import load_pair
+from gms_deploy.io.inputs import Source, read_frames
+from gms_deploy.segment import HostSegmenter
+from gms_deploy.train.data import list_names, load_pair
 from gms_deploy.train.holdout_phantoms import write_holdout_dataset
 from gms_deploy.train.phantom import SPLIT_FILE, make_phantom, write_dataset
 from gms_deploy.train.trainer import BEST, STATE, TrainConfig, train_mapper
 from gms_deploy.train.vae_trainer import VAEConfig, train_vae
 
 NAME = "phantom-demo"
+NON_ULTRASOUND = (
+    "693_J2KI.dcm",
+    "CT_small.dcm",
+    "MR_small.dcm",
+    "JPEG2000.dcm",
+    "examples_overlay.dcm",
+    "rtdose.dcm",
+)
 RESULT = "result.json"
 # Shipped samples: seeds outside the training range, sizes and geometries the training set
 # (all 256 x 256) lacks, picked to cover sector/linear, hypo/hyper-echoic and shadowing.
@@ -178,6 +188,7 @@ def _build(recipe: DemoRecipe, out: Path, progress: bool) -> dict[str, object]:
         "test_split": summarise(_scored(data_dir, runner, split["test"]["name_list"])),
         "sample_dice": {s.name: s.dsc for s in _scored(out / "samples", runner)},
     }
+    uncertain: dict[str, dict[str, float]] = {}
     families = {
         "holdout": lambda where, n, seed, lesion: write_dataset(
             where, n, seed, recipe.phantom_size, 1.0, lesion
@@ -191,8 +202,35 @@ def _build(recipe: DemoRecipe, out: Path, progress: bool) -> dict[str, object]:
                 write(where, recipe.n_holdout, recipe.holdout_seed, lesion)
             scores = _scored(where, runner)
             report[f"{family}_{what}"] = summarise(scores) if lesion else empty_rate(scores)
+            images = [load_pair(where, name)[0] for name in list_names(where)]
+            uncertain[f"{family}_{what}"] = _spread(uncertain_shares(runner, images))
+    non_ultrasound = [next(read_frames(Source(path, Path(path.name)))).pixels for path in _non_ultrasound()]
+    uncertain["non_ultrasound"] = _spread(uncertain_shares(runner, non_ultrasound))
+    report["uncertain"] = uncertain
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     return report
+
+
+def uncertain_shares(runner: TorchRunner, images: list[np.ndarray]) -> list[float]:
+    """Each image's share of uncertain probabilities, as ``infer`` writes it to results.csv."""
+    segmenter = HostSegmenter(runner)
+    return [segmenter([segmenter.prepare(image)], runner.settings.threshold)[0].uncertain for image in images]
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {
+        "median": float(np.median(values)),
+        "p95": float(np.percentile(values, 95)),
+        "max": float(np.max(values)),
+        "n": len(values),
+    }
+
+
+def _non_ultrasound() -> list[Path]:
+    """Images no ultrasound model was trained for, shipped inside pydicom: CT, MR, an RT dose grid."""
+    from pydicom.data import get_testdata_file
+
+    return [Path(str(get_testdata_file(name))) for name in NON_ULTRASOUND]
 
 
 def empty_rate(scores: list[ImageScores]) -> float:
