@@ -51,7 +51,8 @@ class Graph(ABC):
     """A network to export: its tensors and the eager ``GMSModel`` function it must reproduce."""
 
     name: ClassVar[str]
-    output_is_probability: ClassVar[bool] = False
+    io: ClassVar[tuple[str, str]]
+    """The names of its input and output among the tensors below (``image``, ``latent``, ...)."""
 
     def __init__(self, model: GMSModel, image_size: int) -> None:
         config = model.vae.config
@@ -64,12 +65,16 @@ class Graph(ABC):
         self.prob = TensorSpec.batched("prob", 1, image_size)
 
     @property
-    @abstractmethod
-    def input(self) -> TensorSpec: ...
+    def input(self) -> TensorSpec:
+        return getattr(self, self.io[0])
 
     @property
-    @abstractmethod
-    def output(self) -> TensorSpec: ...
+    def output(self) -> TensorSpec:
+        return getattr(self, self.io[1])
+
+    @property
+    def output_is_probability(self) -> bool:
+        return self.io[1] == "prob"
 
 
 class TracedGraph(Graph):
@@ -196,14 +201,7 @@ class _Decoder(nn.Module):
 
 class EncoderGraph(TracedGraph):
     name = "encoder"
-
-    @property
-    def input(self) -> TensorSpec:
-        return self.image
-
-    @property
-    def output(self) -> TensorSpec:
-        return self.latent
+    io = ("image", "latent")
 
     def module(self) -> nn.Module:
         return _Encoder(self.model).eval()
@@ -214,14 +212,7 @@ class EncoderGraph(TracedGraph):
 
 class MapperGraph(TracedGraph):
     name = "mapper"
-
-    @property
-    def input(self) -> TensorSpec:
-        return self.latent
-
-    @property
-    def output(self) -> TensorSpec:
-        return self.mask_latent
+    io = ("latent", "mask_latent")
 
     def module(self) -> nn.Module:
         return self.model.mapper
@@ -232,15 +223,7 @@ class MapperGraph(TracedGraph):
 
 class DecoderGraph(TracedGraph):
     name = "decoder"
-    output_is_probability = True
-
-    @property
-    def input(self) -> TensorSpec:
-        return self.mask_latent
-
-    @property
-    def output(self) -> TensorSpec:
-        return self.prob
+    io = ("mask_latent", "prob")
 
     def module(self) -> nn.Module:
         return _Decoder(self.model).eval()
@@ -256,16 +239,8 @@ class FusedGraph(Graph):
     """
 
     name = "gms"
-    output_is_probability = True
+    io = ("image", "prob")
     parts: ClassVar[tuple[type[TracedGraph], ...]] = (EncoderGraph, MapperGraph, DecoderGraph)
-
-    @property
-    def input(self) -> TensorSpec:
-        return self.image
-
-    @property
-    def output(self) -> TensorSpec:
-        return self.prob
 
     def compose(self, parts: list[onnx.ModelProto]) -> onnx.ModelProto:
         """Join the part graphs output-to-input; inner names get the part's prefix, I/O keep theirs."""
