@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[dev,export,bench]"
+	$(BIN)/pip install --quiet -e ".[dev,export,bench,video]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -182,7 +182,9 @@ def _writable_file(path: Path | None) -> None:
 
 @app.command()
 def infer(
-    inputs: Annotated[list[Path], typer.Argument(help="Image or DICOM files and folders (recursive).")],
+    inputs: Annotated[
+        list[Path], typer.Argument(help="Image, DICOM or video files, and folders (recursive).")
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder; mirrors the input tree.")],
     model: ModelOpt = None,
     vae: VaeOpt = None,
@@ -196,7 +198,12 @@ def infer(
         float | None, typer.Option(min=0.0, max=1.0, help="Default: the model's (0.5).")
     ] = None,
     save_prob: Annotated[bool, typer.Option("--save-prob", help="Also write <stem>_prob.npy.")] = False,
-    overlay: Annotated[bool, typer.Option("--overlay", help="Also write <stem>_overlay.png.")] = False,
+    overlay: Annotated[
+        bool, typer.Option("--overlay", help="Also write <stem>_overlay.png (a video's: <stem>_overlay.mp4).")
+    ] = False,
+    frames_png: Annotated[
+        bool, typer.Option("--frames-png", help="Also each video frame's mask as <stem>_f0000_mask.png, ...")
+    ] = False,
     roi: Annotated[Roi, typer.Option(help="dicom: crop to the ultrasound region first.")] = "none",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")] = False,
 ) -> None:
@@ -211,6 +218,7 @@ def infer(
         overlay=overlay,
         roi=roi,
         overwrite=overwrite,
+        frames_png=frames_png,
         readers=readers,
     )
     last = Progress(0, 0, 0, 0, 0)

@@ -32,11 +32,13 @@ from gms_deploy.io.outputs import (
     OutputPaths,
     ResultRow,
     ResultsTable,
+    VideoPaths,
     folder_lock,
     overlay,
     write_npy,
     write_png,
 )
+from gms_deploy.io.video import VideoWriter
 from gms_deploy.messages import one_line, reason, shown
 from gms_deploy.postprocess import Area, Box, area_mm2, paste, roi_box
 from gms_deploy.segment import Segmentation, Segmenter, segmenter_for
@@ -58,6 +60,8 @@ class InferOptions:
     overlay: bool = False
     roi: Roi = "none"
     overwrite: bool = False
+    frames_png: bool = False
+    """Also each video frame's mask (and overlay) as PNG, named as a cine's frames are."""
     readers: int = READERS
     """Files decoded at once, on as many threads."""
 
@@ -114,6 +118,8 @@ class _Item:
     seconds: float
     warn: Callable[[str], None]
     """Says a warning about the frame's file, once for the file."""
+    videos: VideoPaths | None = None
+    """A video frame's output videos."""
 
 
 @dataclass
@@ -139,6 +145,8 @@ class _FileStart:
 class _FileDone:
     """The end of one file's events."""
 
+    source: Path
+
 
 _Event = _Item | _Failed | _Skipped | _FileStart | _FileDone
 
@@ -155,6 +163,33 @@ class _Ledger:
     table: ResultsTable
     uncertain_limit: float
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _videos: dict[Path, dict[str, VideoWriter]] = field(default_factory=dict)
+    """The open output videos of each video input, by kind; the writer thread's alone."""
+
+    def videos_done(self, source: Path) -> None:
+        """A video input's last frame is written: its videos are finished and renamed into place."""
+        for video in self._videos.pop(source, {}).values():
+            try:
+                video.close()
+            except Exception as err:  # a full disk at the last packet: the video alone fails
+                video.abort()
+                self.fail(_Failed(source, None, f"{shown(video.path)}: cannot be written: {one_line(err)}"))
+
+    def drop_videos(self) -> None:
+        """Ctrl-C or a crash: no video that was not finished reaches its name, so a rerun redoes it."""
+        for videos in self._videos.values():
+            for video in videos.values():
+                video.abort()
+        self._videos.clear()
+
+    def _video(self, item: _Item, kind: str) -> VideoWriter:
+        frame = item.frame
+        assert frame.timestamp is not None and item.videos is not None
+        opened = self._videos.setdefault(frame.source, {})
+        if kind not in opened:
+            path = getattr(item.videos, kind)
+            opened[kind] = VideoWriter(path, kind, frame.timestamp, frame.height, frame.width)
+        return opened[kind]
 
     def _record(self, row: ResultRow) -> None:
         with self._lock:
@@ -190,12 +225,28 @@ class _Ledger:
                     log.error("%s", message)
                     self.report.failures.append(message)
 
+    def _write(self, item: _Item, result: Segmentation) -> tuple[int, Area]:
+        frame = item.frame
+        mask = result.mask if item.box is None else paste(result.mask, item.box, frame.height, frame.width)
+        drawn = overlay(frame.pixels, mask) if {"overlay", "overlay_video"} & item.todo else None
+        if "prob" in item.todo and result.prob is not None:
+            write_npy(item.outputs.prob, np.asarray(result.prob, dtype=np.float32))
+        if "overlay" in item.todo:
+            write_png(item.outputs.overlay, drawn)
+        if "mask" in item.todo:
+            write_png(item.outputs.mask, mask)
+        for kind, image in (("mask", mask), ("overlay", drawn)):
+            if f"{kind}_video" in item.todo:
+                assert frame.timestamp is not None
+                self._video(item, kind).add(image, frame.timestamp)
+        return int(mask.sum()), area_mm2(mask, frame.regions)
+
     def finish(self, item: _Item, result: Segmentation, share: float) -> None:
         """One frame's outputs on disk, then its row."""
         begin = time.perf_counter()
         frame = item.frame
         try:
-            area_px, area = _write(item, result)
+            area_px, area = self._write(item, result)
         except Exception as err:  # a full disk, or a frame its overlay cannot be drawn on: it alone fails
             message = f"{shown(frame.source)}: cannot write outputs: {one_line(err)}"
             self.fail(_Failed(frame.source, frame.index, message))
@@ -213,7 +264,8 @@ class _Ledger:
             ResultRow(
                 source=str(frame.source),
                 frame=frame.index,
-                output=str(item.outputs.mask),
+                time=None if frame.timestamp is None else frame.timestamp.seconds,
+                output=str(item.outputs.mask if item.videos is None else item.videos.mask),
                 area_px=area_px,
                 area_mm2=area.mm2,
                 seconds=item.seconds + share + time.perf_counter() - begin,
@@ -275,6 +327,7 @@ def _run(
     depth = max(2, options.batch_size // options.readers)
     produce = partial(_file_events, segmenter=segmenter, options=options)
     batch: list[_Item] = []
+    ended: list[Path] = []  # files read to their end, whose last frames may still wait in the batch
     try:
         with (
             Writer(2 * options.batch_size) as writer,
@@ -286,7 +339,7 @@ def _run(
                 if isinstance(event, _Item):
                     batch.append(event)
                     if len(batch) == options.batch_size:
-                        _run_batch(batch, segmenter, threshold, options.save_prob, ledger, writer)
+                        _run_batch(batch, ended, segmenter, threshold, options.save_prob, ledger, writer)
                         counter.frames_done(options.batch_size)
                 elif isinstance(event, _Failed):
                     writer.submit(partial(ledger.fail, event))
@@ -297,12 +350,14 @@ def _run(
                 elif isinstance(event, _FileStart):
                     counter.file_opened(event.frames)
                 else:
+                    ended.append(event.source)
                     report.files += 1
                     counter.file_done()
             done = len(batch)
-            _run_batch(batch, segmenter, threshold, options.save_prob, ledger, writer)
+            _run_batch(batch, ended, segmenter, threshold, options.save_prob, ledger, writer)
             counter.frames_done(done)
     finally:  # Ctrl-C included: the rows of every finished output reach results.csv
+        ledger.drop_videos()
         ledger.flush()
     if not (report.frames or report.skipped or report.failures):
         report.failures.append(f"no frame segmented from {', '.join(shown(Path(i)) for i in inputs)}")
@@ -373,63 +428,61 @@ def _file_events(source: Source, segmenter: Segmenter, options: InferOptions) ->
             message = f"{shown(frame.source)}: cannot prepare frame {frame.index or 0}: {one_line(err)}"
             event = _Failed(frame.source, frame.index, message)
         yield event
-    yield _FileDone()
+    yield _FileDone(source.path)
 
 
 def _prepare(
     frame: Frame, segmenter: Segmenter, options: InferOptions, start: float, warn: Callable[[str], None]
 ) -> _Item | _Skipped:
-    wanted = ("mask",) + ("prob",) * options.save_prob + ("overlay",) * options.overlay
     outputs = OutputPaths.for_frame(options.out_dir, frame.rel, frame.index)
-    todo = frozenset(k for k in wanted if options.overwrite or not getattr(outputs, k).exists())
+    videos = None if frame.timestamp is None else VideoPaths.for_video(options.out_dir, frame.rel)
+    pngs = videos is None or options.frames_png
+    wanted = ("mask",) * pngs + ("prob",) * options.save_prob + ("overlay",) * (options.overlay and pngs)
+    todo = {k for k in wanted if options.overwrite or not getattr(outputs, k).exists()}
+    if videos is not None:  # a video is written whole, from its first frame, or left as it is
+        kinds = ("mask", "overlay") if options.overlay else ("mask",)
+        if options.overwrite or not all(getattr(videos, k).exists() for k in kinds):
+            todo |= {f"{k}_video" for k in kinds}
     if not todo:
         return _Skipped()
     box = roi_box(frame.regions) if options.roi == "dicom" else None
     if options.roi == "dicom" and box is None:
         warn(f"{shown(frame.source)}: no trusted 2D ultrasound region to crop to; segmenting the whole frame")
     pixels = frame.pixels if box is None else frame.pixels[box[1] : box[3], box[0] : box[2]]
-    return _Item(frame, outputs, todo, box, segmenter.prepare(pixels), time.perf_counter() - start, warn)
+    prepared = segmenter.prepare(pixels)
+    return _Item(frame, outputs, frozenset(todo), box, prepared, time.perf_counter() - start, warn, videos)
 
 
 def _run_batch(
     batch: list[_Item],
+    ended: list[Path],
     segmenter: Segmenter,
     threshold: float,
     keep_prob: bool,
     ledger: _Ledger,
     writer: Writer,
 ) -> None:
-    """Segment ``batch`` (then empty it) and hand its outputs to the writer."""
-    if not batch:
-        return
+    """Segment ``batch`` (then empty it) and hand its outputs to the writer, then the ``ended`` files'
+    videos to be finished (then empty it too): their last frames were in this batch or before."""
     items = list(batch)
     batch.clear()
     start = time.perf_counter()
     broken = f"{segmenter.runner.name} gave NaN or Inf probabilities; no mask"
     try:
-        results: list[Segmentation | None] = list(
-            segmenter([item.prepared for item in items], threshold, keep_prob)
+        results: list[Segmentation | None] = (
+            list(segmenter([item.prepared for item in items], threshold, keep_prob)) if items else []
         )
     except Exception as err:  # a backend fault fails its batch, never the run
         broken = f"{segmenter.runner.name} failed on this batch: {one_line(err)}"
         results = [None] * len(items)
-    share = (time.perf_counter() - start) / len(items)
+    share = (time.perf_counter() - start) / max(1, len(items))
     for item, result in zip(items, results, strict=True):
         if result is not None and result.finite:
             writer.submit(partial(ledger.finish, item, result, share))
         else:
             message = f"{shown(item.frame.source)}: {broken}"
             writer.submit(partial(ledger.fail, _Failed(item.frame.source, item.frame.index, message)))
+    for source in ended:
+        writer.submit(partial(ledger.videos_done, source))
+    ended.clear()
     writer.submit(ledger.flush)
-
-
-def _write(item: _Item, result: Segmentation) -> tuple[int, Area]:
-    frame = item.frame
-    mask = result.mask if item.box is None else paste(result.mask, item.box, frame.height, frame.width)
-    if "prob" in item.todo and result.prob is not None:
-        write_npy(item.outputs.prob, np.asarray(result.prob, dtype=np.float32))
-    if "overlay" in item.todo:
-        write_png(item.outputs.overlay, overlay(frame.pixels, mask))
-    if "mask" in item.todo:
-        write_png(item.outputs.mask, mask)
-    return int(mask.sum()), area_mm2(mask, frame.regions)

@@ -7,6 +7,7 @@ is the whole contract between them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,20 @@ class UltrasoundRegion:
 
 
 @dataclass(frozen=True)
+class Timestamp:
+    """Where a video frame sits in its stream: ``pts`` in units of ``time_base`` seconds."""
+
+    pts: int
+    time_base: Fraction
+    rate: Fraction | None
+    """The stream's average frame rate, where it states one."""
+
+    @property
+    def seconds(self) -> float:
+        return float(self.pts * self.time_base)
+
+
+@dataclass(frozen=True)
 class Frame:
     """One image to segment.
 
@@ -76,6 +91,8 @@ class Frame:
     index: int | None
     pixels: np.ndarray
     regions: tuple[UltrasoundRegion, ...] = field(default=())
+    timestamp: Timestamp | None = None
+    """A video frame's; its outputs go into videos at the same timestamps."""
 
     @property
     def height(self) -> int:

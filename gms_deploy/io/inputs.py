@@ -22,7 +22,8 @@ from pathlib import Path
 from gms_deploy.io.dicom import DICOM_SUFFIXES, dicom_frame_count, has_dicom_preamble, iter_dicom_frames
 from gms_deploy.io.frames import Frame, InputError
 from gms_deploy.io.images import IMAGE_SUFFIXES, read_image
-from gms_deploy.io.outputs import OUTPUT_ENDINGS, is_output_folder, output_stem
+from gms_deploy.io.outputs import OUTPUT_ENDINGS, VIDEO_ENDINGS, is_output_folder, output_stem
+from gms_deploy.io.video import VIDEO_SUFFIXES, iter_video_frames, video_frame_count
 from gms_deploy.messages import reason, shown
 
 log = logging.getLogger(__name__)
@@ -92,27 +93,38 @@ def _kind(given: Path) -> str:
 
 
 def read_frames(source: Source) -> Iterator[Frame]:
-    """Frames of one source, decided by content: the DICOM preamble (or a DICOM suffix) means DICOM."""
-    try:
-        is_dicom = has_dicom_preamble(source.path) or source.path.suffix.lower() in DICOM_SUFFIXES
-    except OSError as exc:
-        raise InputError(source.path, f"cannot read: {reason(exc)}") from exc
-    if not is_dicom:
+    """Frames of one source, decided by content where it can be: the DICOM preamble (or a DICOM
+    suffix) means DICOM, a video suffix a video, anything else an image."""
+    kind = _format(source.path)
+    if kind == "image":
         yield Frame(source=source.path, rel=source.rel, index=None, pixels=read_image(source.path))
-        return
-    for index, pixels, regions in iter_dicom_frames(source.path):
-        yield Frame(source=source.path, rel=source.rel, index=index, pixels=pixels, regions=regions)
+    elif kind == "video":
+        for index, pixels, when in iter_video_frames(source.path):
+            yield Frame(source=source.path, rel=source.rel, index=index, pixels=pixels, timestamp=when)
+    else:
+        for index, pixels, regions in iter_dicom_frames(source.path):
+            yield Frame(source=source.path, rel=source.rel, index=index, pixels=pixels, regions=regions)
+
+
+def _format(path: Path) -> str:
+    try:
+        if has_dicom_preamble(path) or path.suffix.lower() in DICOM_SUFFIXES:
+            return "dicom"
+    except OSError as exc:
+        raise InputError(path, f"cannot read: {reason(exc)}") from exc
+    return "video" if path.suffix.lower() in VIDEO_SUFFIXES else "image"
 
 
 def frame_count(source: Source) -> int | None:
     """How many frames ``read_frames`` will give, where the file says so from its header (a progress
     bar's total); None where it cannot tell before decoding, the reader then says why."""
     try:
-        if has_dicom_preamble(source.path) or source.path.suffix.lower() in DICOM_SUFFIXES:
-            return dicom_frame_count(source.path)
-    except OSError:
+        kind = _format(source.path)
+    except InputError:
         return None
-    return 1
+    if kind == "dicom":
+        return dicom_frame_count(source.path)
+    return video_frame_count(source.path) if kind == "video" else 1
 
 
 def _walk(folder: Path, errors: list[InputError]) -> list[tuple[Path, Path]]:
@@ -144,7 +156,7 @@ def _walk(folder: Path, errors: list[InputError]) -> list[tuple[Path, Path]]:
         among_outputs = outputs.within(Path(root))
         for name in sorted(files):
             path = Path(root, name)
-            if among_outputs and name.endswith(OUTPUT_ENDINGS):
+            if among_outputs and name.endswith(OUTPUT_ENDINGS + VIDEO_ENDINGS):
                 log.info("%s: skipped, an output of gms-deploy", shown(path))
             elif _wanted(path, errors):
                 found.append((path, top / path.relative_to(folder)))
@@ -179,7 +191,7 @@ def _wanted(path: Path, errors: list[InputError]) -> bool:
     """
     if path.name.startswith(".") or path.name.upper() == "DICOMDIR":
         return False
-    named = path.suffix.lower() in IMAGE_SUFFIXES or path.suffix.lower() in DICOM_SUFFIXES
+    named = path.suffix.lower() in IMAGE_SUFFIXES | DICOM_SUFFIXES | VIDEO_SUFFIXES
     try:
         kind = _kind(path)
         if kind == "file":

@@ -23,9 +23,10 @@ from PIL import Image
 from gms_deploy.errors import UsageError
 from gms_deploy.io.dicom import DICOM_SUFFIXES
 from gms_deploy.io.images import IMAGE_SUFFIXES, as_rgb
+from gms_deploy.io.video import VIDEO_SUFFIXES
 from gms_deploy.messages import reason, shown
 
-FORMAT_SUFFIXES = IMAGE_SUFFIXES | DICOM_SUFFIXES
+FORMAT_SUFFIXES = IMAGE_SUFFIXES | DICOM_SUFFIXES | VIDEO_SUFFIXES
 
 FILL_RGB = np.array([0, 255, 0], dtype=np.float32)  # green stands out on grey, pink and brown tissue alike
 EDGE_RGB = np.array([255, 255, 0], dtype=np.uint8)
@@ -58,6 +59,21 @@ class OutputPaths:
 
 OUTPUT_ENDINGS = ("_mask.png", "_prob.npy", "_overlay.png")
 """How the files ``OutputPaths`` names end, in its order."""
+VIDEO_ENDINGS = ("_mask.mkv", "_overlay.mp4")
+"""How the videos ``VideoPaths`` names end, in its order."""
+
+
+@dataclass(frozen=True)
+class VideoPaths:
+    """The videos written for one video input: every mask, and (``--overlay``) every overlay."""
+
+    mask: Path
+    overlay: Path
+
+    @classmethod
+    def for_video(cls, out_dir: Path, rel: Path) -> VideoPaths:
+        stem = output_stem(out_dir, rel, None)
+        return cls(*(stem.with_name(stem.name + end) for end in VIDEO_ENDINGS))
 
 
 def write_png(path: Path, array: np.ndarray) -> None:
@@ -97,6 +113,7 @@ RESULTS = "results.csv"
 FIELDS = (
     "source",
     "frame",
+    "time",
     "output",
     "area_px",
     "area_mm2",
@@ -122,6 +139,8 @@ class ResultRow:
     message: str = ""
     confidence: float | None = None
     """The mean probability inside the mask (``segment.Segmentation``); None where it is empty."""
+    time: float | None = None
+    """A video frame's presentation time in seconds, from the stream's timestamps."""
     uncertain: float | None = None
     """The share of the network-size probabilities between 0.3 and 0.7."""
 
@@ -133,6 +152,7 @@ class ResultRow:
         return {
             "source": shown(self.source),
             "frame": _cell(self.frame, "d"),
+            "time": _cell(self.time, ".6f"),
             "output": shown(self.output),
             "area_px": _cell(self.area_px, "d"),
             "area_mm2": _cell(self.area_mm2, ".3f"),
