@@ -161,13 +161,13 @@ def test_results_table_writes_every_row_with_empty_unknowns(tmp_path: Path) -> N
     table.add(replace(row("cine.dcm", 0, area_mm2=None), uncertain=0.5))
     table.add(row("bad.dcm", None, "failed", area_px=None, seconds=None, message="bad.dcm: broken\nfile"))
     table.flush()
+    blank = dict.fromkeys(FIELDS, "")
     assert read_csv(tmp_path / "results.csv") == [
-        {"source": "a.png", "frame": "", "output": "out/a.png", "area_px": "10", "area_mm2": "12.346",
-         "confidence": "0.9123", "uncertain": "0.0123", "seconds": "0.5000", "status": "ok", "message": ""},
-        {"source": "cine.dcm", "frame": "0", "output": "out/cine.dcm", "area_px": "10", "area_mm2": "",
-         "confidence": "", "uncertain": "0.5000", "seconds": "0.5000", "status": "ok", "message": ""},
-        {"source": "bad.dcm", "frame": "", "output": "out/bad.dcm", "area_px": "", "area_mm2": "",
-         "confidence": "", "uncertain": "", "seconds": "", "status": "failed",
+        {**blank, "source": "a.png", "output": "out/a.png", "area_px": "10", "area_mm2": "12.346",
+         "confidence": "0.9123", "uncertain": "0.0123", "seconds": "0.5000", "status": "ok"},
+        {**blank, "source": "cine.dcm", "frame": "0", "output": "out/cine.dcm", "area_px": "10",
+         "uncertain": "0.5000", "seconds": "0.5000", "status": "ok"},
+        {**blank, "source": "bad.dcm", "output": "out/bad.dcm", "status": "failed",
          "message": "bad.dcm: broken file"},
     ]  # fmt: skip
     assert files_in(tmp_path) == ["results.csv"]
