@@ -16,6 +16,7 @@ from gms_deploy.errors import UsageError
 from gms_deploy.io.outputs import write_atomic
 from gms_deploy.model.mapper import HEADS, MapperConfig, norm_groups_for
 from gms_deploy.settings import SCALE_FACTOR, check_image_size
+from gms_deploy.train.losses import SMOOTH
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,8 @@ class TrainConfig:
     weight_decay: float = 0.01
     w_rec: float = 1.0
     w_dice: float = 1.0
+    # The Dice term's smoothing: MONAI's 1e-5 as the official code; about one pixel teaches empty frames
+    dice_smooth: float = SMOOTH
     rec_heads: tuple[str, ...] = ("level2", "level1", "out")
     # Heads whose decoded mask enters the Dice term. The paper decodes all three; each one costs
     # a decoder forward and backward, the bulk of a CPU step, so a run may decode fewer.

@@ -17,12 +17,17 @@ import torch.nn.functional as F
 SMOOTH = 1e-5
 
 
-def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """1 - (2 sum(p t) + s) / (sum p + sum t + s), per sample and channel, averaged."""
+def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor, smooth: float = SMOOTH) -> torch.Tensor:
+    """1 - (2 sum(p t) + s) / (sum p + sum t + s), per sample and channel, averaged.
+
+    With MONAI's tiny ``s`` an empty target's loss stays near 1 for any non-empty prediction and its
+    gradient vanishes, so the term teaches nothing about frames without a lesion; an ``s`` of about
+    one pixel (the demo model's) makes drawing nothing there the way to a low loss.
+    """
     dims = tuple(range(2, prob.ndim))
     intersection = (prob * target).sum(dims)
     denominator = prob.sum(dims) + target.sum(dims)
-    return (1.0 - (2.0 * intersection + SMOOTH) / (denominator + SMOOTH)).mean()
+    return (1.0 - (2.0 * intersection + smooth) / (denominator + smooth)).mean()
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,7 @@ def gms_loss(
     dice_heads: Sequence[str],
     w_rec: float = 1.0,
     w_dice: float = 1.0,
+    dice_smooth: float = SMOOTH,
 ) -> LossTerms:
     """Sum over heads of MSE to the mask latent, plus the Dice of each decoded head.
 
@@ -51,6 +57,6 @@ def gms_loss(
     if dice_heads:
         probs = decode(torch.cat([heads[name] for name in dice_heads]))
         for prob in probs.chunk(len(dice_heads)):
-            dice = dice + soft_dice_loss(prob, target_mask)
+            dice = dice + soft_dice_loss(prob, target_mask, dice_smooth)
     rec_t = torch.as_tensor(rec, device=target_latent.device)
     return LossTerms(w_rec * rec_t + w_dice * dice, rec_t.detach(), dice.detach())

@@ -361,6 +361,7 @@ def _step(
         config.dice_heads,
         config.w_rec,
         config.w_dice,
+        config.dice_smooth,
     )
     session.optimizer.zero_grad(set_to_none=True)
     terms.total.backward()
