@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_infer import _InterruptedRunner
 
 from gms_deploy.backends.torch_eager import TorchRunner
 from gms_deploy.bundle import ModelBundle, demo_bundle
@@ -105,17 +106,8 @@ def test_a_finished_video_is_skipped_and_an_interrupted_one_redone(
     assert again.frames == 0 and again.skipped == FRAMES
     (out / "clip_mask.mkv").unlink()
 
-    class CtrlC(TorchRunner):
-        calls = 0
-
-        def __call__(self, images: np.ndarray) -> np.ndarray:
-            self.calls += 1
-            if self.calls == 2:
-                raise KeyboardInterrupt
-            return super().__call__(images)
-
     with pytest.raises(KeyboardInterrupt):
-        run_inference([clip], CtrlC(tiny_bundle), InferOptions(out, batch_size=2))
+        run_inference([clip], _InterruptedRunner(tiny_bundle), InferOptions(out, batch_size=2))
     assert not (out / "clip_mask.mkv").exists() and not list(out.glob(".*"))  # no half video
     redone = run_inference([clip], runner, InferOptions(out))
     assert redone.frames == FRAMES and len(read_video(out / "clip_mask.mkv")[0]) == FRAMES
