@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -94,7 +94,7 @@ class ModelBundle:
                 "version": VERSION,
                 "name": self.name,
                 **names,
-                "settings": asdict(self.settings),
+                "settings": self.settings.to_json(),
             }
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         return ModelBundle.load(out_dir)

@@ -312,7 +312,7 @@ class ExportManifest:
             "format_version": FORMAT_VERSION,
             "created": self.created,
             "model": self.model,
-            "settings": asdict(self.settings),
+            "settings": self.settings.to_json(),
             "latent": asdict(self.latent),
             "opset": self.opset,
             "versions": dict(self.versions),

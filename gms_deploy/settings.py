@@ -42,3 +42,11 @@ class Settings:
             raise UsageError(f"threshold must lie strictly between 0 and 1, got {self.threshold}")
         if not 0.0 < self.uncertain_limit <= 1.0:
             raise UsageError(f"uncertain_limit must lie in (0, 1], got {self.uncertain_limit}")
+
+    def to_json(self) -> dict[str, object]:
+        """As bundles and export manifests record it: ``uncertain_limit`` only where it is not the
+        default, so that files written before it existed read and write back unchanged."""
+        data: dict[str, object] = asdict(self)
+        if self.uncertain_limit == UNCERTAIN_LIMIT:
+            del data["uncertain_limit"]
+        return data

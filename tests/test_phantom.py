@@ -7,7 +7,6 @@ import json
 import cv2
 import numpy as np
 
-from gms_deploy.train.holdout_phantoms import make_holdout_phantom
 from gms_deploy.train.phantom import SPLIT_FILE, _shadow, make_phantom, write_dataset
 
 
@@ -28,45 +27,22 @@ def test_image_and_mask_shapes_and_fan() -> None:
         p = make_phantom(seed, (80, 112))
         assert p.image.shape == (80, 112, 3) and p.image.dtype == np.uint8
         assert p.mask.shape == (80, 112) and p.mask.dtype == bool
-        assert p.mask.any() == p.meta["lesion"], "a lesion, or none where the seed says so"
+        assert p.mask.any(), "every phantom has a lesion"
         assert not (p.mask & ~p.fan).any(), "the lesion lies inside the field of view"
         assert (p.image[~p.fan] == 0).all(), "black outside the field of view"
         assert np.array_equal(p.image[..., 0], p.image[..., 2]), "grey in three channels"
 
 
 def test_variety_over_seeds() -> None:
-    metas = [make_phantom(seed, (64, 64)).meta for seed in range(80)]
+    metas = [make_phantom(seed, (64, 64)).meta for seed in range(40)]
     assert {m["geometry"] for m in metas} == {"sector", "linear"}
-    assert {m["shape"] for m in metas} == {"ellipse", "lobulated", "irregular", "none"}
-    assert {m["echogenicity"] for m in metas} == {"hypo", "hyper", "mildly hypo", "none"}
-    assert {m["behind"] for m in metas} == {"none", "shadow", "enhancement"}
-    assert {m["speckle"] for m in metas} == {"rayleigh", "k"}
-    assert 0.12 < sum(not m["lesion"] for m in metas) / len(metas) < 0.4  # LESION_FREE_SHARE, 0.25
-
-
-def test_a_lesion_can_be_asked_for_or_against() -> None:
-    assert all(make_phantom(seed, (64, 64), lesion=True).mask.any() for seed in range(10))
-    assert not any(make_phantom(seed, (64, 64), lesion=False).mask.any() for seed in range(10))
-
-
-def test_the_second_family_is_reproducible_and_its_masks_lie_in_view() -> None:
-    a, b = make_holdout_phantom(3), make_holdout_phantom(3)
-    assert np.array_equal(a.image, b.image) and np.array_equal(a.mask, b.mask)
-    phantoms = [make_holdout_phantom(seed) for seed in range(100)]
-    for p in phantoms:
-        assert p.image.dtype == np.uint8 and p.image.shape[:2] == p.mask.shape
-        assert 260 <= p.mask.shape[0] <= 360 and 300 <= p.mask.shape[1] <= 400
-        assert (p.image[p.mask] > 0).all(), "no mask pixel outside the view"
-        assert not (p.mask[:3].any() or p.mask[-3:].any() or p.mask[:, :3].any() or p.mask[:, -3:].any())
-    assert 0.15 < sum(not p.mask.any() for p in phantoms) / len(phantoms) < 0.45  # 0.3 (23 of these 100)
-    assert (
-        not make_holdout_phantom(3, lesion=False).mask.any()
-        and make_holdout_phantom(3, lesion=True).mask.any()
-    )
+    assert {m["shape"] for m in metas} == {"ellipse", "lobulated", "irregular"}
+    assert {m["hypoechoic"] for m in metas} == {True, False}
+    assert {m["shadow"] for m in metas} == {True, False}
 
 
 def test_hypoechoic_lesion_is_darker() -> None:
-    seed = next(s for s in range(50) if make_phantom(s, (96, 96)).meta["echogenicity"] == "hypo")
+    seed = next(s for s in range(50) if make_phantom(s, (96, 96)).meta["hypoechoic"])
     p = make_phantom(seed, (96, 96))
     ring = cv2.dilate(p.mask.astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool) & ~p.mask & p.fan
     assert p.image[p.mask, 0].mean() < p.image[ring, 0].mean()

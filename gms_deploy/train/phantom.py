@@ -1,17 +1,10 @@
-"""Synthetic B-mode ultrasound phantoms with exact lesion masks: the demo model's training family.
+"""Synthetic B-mode ultrasound phantoms with exact lesion masks.
 
 Real ultrasound data sets (BUSI, BUS) cannot ship inside a package, yet the demo model, the tests
 and users trying the tool need images whose ground truth is known exactly. These phantoms mimic
-what makes ultrasound segmentation hard, over a wide range so that a model trained on them does
-not learn one look: speckle that is fully developed (Rayleigh) or from few scatterers
-(K-distributed), of varying grain; overall gain and time-gain compensation ramps; tissue texture
-at two scales, layers of other echogenicity and bright fascia; lesions darker or brighter than
-tissue, of several shapes and sizes, with sharp or blurred borders, acoustic shadows or
-posterior enhancement behind them (which look like lesion tissue but are not in the mask);
-sector and linear fields of view with black outside them. A quarter of the phantoms hold no
-lesion at all, so that an empty mask is an answer the model can give.
-
-``holdout_phantoms.py`` is a second family written apart from this one, for scoring only.
+what makes ultrasound segmentation hard: multiplicative speckle, depth attenuation, a sector or
+linear field of view with black outside it, soft lesion borders, and acoustic shadows behind a
+lesion that look like lesion tissue but are not in the mask.
 
 Every random choice is drawn from one ``numpy.random.Generator`` seeded by ``seed``, so a seed
 is a complete description of a phantom.
@@ -80,7 +73,7 @@ def _lesion_shape(rng: np.random.Generator, h: int, w: int, cy: float, cx: float
     """
     kind = str(rng.choice(["ellipse", "lobulated", "irregular"], p=[0.35, 0.35, 0.3]))
     scale = min(h, w)
-    a = scale * rng.uniform(0.07, 0.28)
+    a = scale * rng.uniform(0.11, 0.25)
     b = a * rng.uniform(0.5, 1.0)
     rot = rng.uniform(0.0, np.pi)
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float64) + 0.5
@@ -121,117 +114,65 @@ def _shadow(mask: np.ndarray, lateral: np.ndarray, depth: np.ndarray, fan: np.nd
     return fan & (depth > far[bins])
 
 
-LESION_FREE_SHARE = 0.25
-
-
-def _tissue(rng: np.random.Generator, h: int, w: int, depth: np.ndarray) -> np.ndarray:
-    """Echogenicity without lesions: texture at two scales, layers of other echogenicity (muscle,
-    fat) whose boundaries wander, and a few bright fascia-like lines near the skin."""
-    side = min(h, w)
-    echo = 0.5 + rng.uniform(0.05, 0.16) * _smooth_noise(rng, h, w, side / rng.uniform(6, 14))
-    echo += rng.uniform(0.0, 0.08) * _smooth_noise(rng, h, w, side / rng.uniform(25, 60))
-    for _ in range(rng.integers(0, 4)):
-        level = rng.uniform(0.1, 0.9)
-        wave = 0.03 * _smooth_noise(rng, h, w, side / 5)
-        below = 0.5 + 0.5 * np.tanh((depth + wave - level) / rng.uniform(0.01, 0.06))
-        echo *= 1.0 + rng.uniform(-0.35, 0.35) * below
-    for _ in range(rng.integers(1, 4)):
-        level = rng.uniform(0.05, 0.4)
-        wave = 0.02 * _smooth_noise(rng, h, w, side / 6)
-        echo += rng.uniform(0.2, 0.7) * np.exp(-(((depth + wave - level) / rng.uniform(0.01, 0.03)) ** 2))
-    return np.clip(echo, 0.05, None)
-
-
-def _speckle(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, str]:
-    """Unit-mean speckle: a correlated complex Gaussian field's magnitude (Rayleigh), or that times
-    a gamma texture (K-distributed: few scatterers per cell, spikier)."""
-    axial, lateral = rng.uniform(0.4, 1.4), rng.uniform(0.8, 2.6)
-    re = cv2.GaussianBlur(rng.standard_normal((h, w)).astype(np.float32), (0, 0), lateral, sigmaY=axial)
-    im = cv2.GaussianBlur(rng.standard_normal((h, w)).astype(np.float32), (0, 0), lateral, sigmaY=axial)
-    speckle = np.hypot(re, im)
-    kind = "rayleigh"
-    if rng.uniform() < 0.4:
-        shape = rng.uniform(1.0, 8.0)
-        speckle = speckle * np.sqrt(rng.gamma(shape, 1.0 / shape, (h, w)).astype(np.float32))
-        kind = "k"
-    return speckle / speckle.mean(), kind
-
-
-def _tgc(rng: np.random.Generator, depth: np.ndarray) -> np.ndarray:
-    """A time-gain compensation curve: piecewise linear in depth, a few dB up or down per knot."""
-    knots = np.linspace(0.0, 1.0, int(rng.integers(3, 6)))
-    gains_db = rng.uniform(-6.0, 6.0, len(knots))
-    return 10.0 ** (np.interp(np.clip(depth, 0.0, 1.0), knots, gains_db) / 20.0)
-
-
-def make_phantom(seed: int, size: tuple[int, int] = DEFAULT_SIZE, lesion: bool | None = None) -> Phantom:
-    """Render one phantom of ``size`` = (H, W); identical for identical arguments.
-
-    ``lesion`` None lets the seed decide (``LESION_FREE_SHARE`` of seeds have none).
-    """
+def make_phantom(seed: int, size: tuple[int, int] = DEFAULT_SIZE) -> Phantom:
+    """Render one phantom of ``size`` = (H, W); identical for identical arguments."""
     h, w = size
     rng = np.random.default_rng(seed)
-    with_lesion = bool(rng.uniform() >= LESION_FREE_SHARE) if lesion is None else lesion
     geometry = str(rng.choice(["sector", "linear"]))
     fan, lateral, depth = _beam_coordinates(rng, h, w, geometry)
-    echo = _tissue(rng, h, w, depth)
 
-    mask = np.zeros((h, w), bool)
-    kind, echogenicity, behind = "none", "none", "none"
-    if with_lesion:
-        mask, kind = _place_lesion(rng, fan, h, w)
-        echogenicity = str(rng.choice(["hypo", "hyper", "mildly hypo"], p=[0.55, 0.25, 0.2]))
-        contrast = {"hypo": (0.05, 0.35), "hyper": (1.5, 2.4), "mildly hypo": (0.45, 0.7)}[echogenicity]
-        inside = rng.uniform(*contrast) * (1.0 + rng.uniform(0.0, 0.25) * _smooth_noise(rng, h, w, 3.0))
-        edge = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), rng.uniform(0.3, 3.0))
-        echo = echo * (1.0 - edge) + inside * edge
-        behind = str(rng.choice(["none", "shadow", "enhancement"], p=[0.5, 0.3, 0.2]))
-        if behind != "none":
-            region = cv2.GaussianBlur(_shadow(mask, lateral, depth, fan).astype(np.float32), (0, 0), 2.0)
-            change = -rng.uniform(0.3, 0.65) if behind == "shadow" else rng.uniform(0.2, 0.6)
-            echo *= 1.0 + change * region
+    # tissue: a smooth echogenicity field plus a few bright fascia-like layers near the top
+    echo = 0.5 + 0.12 * _smooth_noise(rng, h, w, min(h, w) / 10)
+    for _ in range(rng.integers(1, 4)):
+        level = rng.uniform(0.05, 0.4)
+        wave = 0.02 * _smooth_noise(rng, h, w, min(h, w) / 6)
+        echo += rng.uniform(0.3, 0.7) * np.exp(-(((depth + wave - level) / rng.uniform(0.01, 0.03)) ** 2))
 
-    echo *= np.exp(-rng.uniform(0.2, 1.4) * np.clip(depth, 0.0, 1.0)) * _tgc(rng, depth)
-    speckle, speckle_kind = _speckle(rng, h, w)
-    envelope = echo * speckle
+    mask, kind = _place_lesion(rng, fan, h, w)
+    hypo = bool(rng.uniform() < 0.7)
+    contrast = rng.uniform(0.08, 0.3) if hypo else rng.uniform(1.5, 2.2)
+    inside = contrast * (1.0 + 0.15 * _smooth_noise(rng, h, w, 3.0))
+    edge = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), rng.uniform(0.6, 1.5))
+    echo = echo * (1.0 - edge) + inside * edge
 
-    # log compression onto 8 bits, as a scanner display does, at the operator's gain
-    compression = rng.uniform(6.0, 20.0)
-    reference = np.percentile(envelope[fan], 99) / rng.uniform(0.6, 1.4)
-    grey = np.log1p(compression * envelope / reference) / np.log1p(compression)
+    shadowed = bool(rng.uniform() < 0.35)
+    if shadowed:
+        shadow = cv2.GaussianBlur(_shadow(mask, lateral, depth, fan).astype(np.float32), (0, 0), 2.0)
+        echo *= 1.0 - rng.uniform(0.3, 0.6) * shadow
+
+    echo *= np.exp(-rng.uniform(0.3, 1.2) * np.clip(depth, 0.0, 1.0))
+
+    # fully developed speckle: magnitude of a correlated complex Gaussian field (Rayleigh)
+    psf = (rng.uniform(0.5, 0.9), rng.uniform(0.9, 1.6))  # axial, lateral sigma in pixels
+    field_re = cv2.GaussianBlur(rng.standard_normal((h, w)).astype(np.float32), (0, 0), psf[1], sigmaY=psf[0])
+    field_im = cv2.GaussianBlur(rng.standard_normal((h, w)).astype(np.float32), (0, 0), psf[1], sigmaY=psf[0])
+    speckle = np.hypot(field_re, field_im)
+    envelope = np.clip(echo, 0.0, None) * speckle / speckle.mean()
+
+    # log compression onto 8 bits, as a scanner display does
+    gain = rng.uniform(8.0, 16.0)
+    reference = np.percentile(envelope[fan], 99)
+    grey = np.log1p(gain * envelope / reference) / np.log1p(gain)
     grey = np.where(fan, np.clip(grey, 0.0, 1.0), 0.0)
     image = np.repeat((grey * 255.0 + 0.5).astype(np.uint8)[..., None], 3, axis=2)
-    meta = {
-        "seed": seed,
-        "geometry": geometry,
-        "lesion": with_lesion,
-        "shape": kind,
-        "echogenicity": echogenicity,
-        "behind": behind,
-        "speckle": speckle_kind,
-    }
+    meta = {"seed": seed, "geometry": geometry, "shape": kind, "hypoechoic": hypo, "shadow": shadowed}
     return Phantom(image=image, mask=mask, fan=fan, meta=meta)
 
 
 def write_dataset(
-    out_dir: Path,
-    n: int,
-    seed: int,
-    size: tuple[int, int] = DEFAULT_SIZE,
-    test_fraction: float = 0.2,
-    lesion: bool | None = None,
+    out_dir: Path, n: int, seed: int, size: tuple[int, int] = DEFAULT_SIZE, test_fraction: float = 0.2
 ) -> list[str]:
     """Write ``images/NAME.png``, ``masks/NAME.png`` (0/255) and ``split.json``; returns the names.
 
     Phantom ``i`` uses seed ``seed + i``, so data sets written with the same seed share phantoms
-    and a single image can be regenerated from its name's index; ``lesion`` as ``make_phantom``'s.
+    and a single image can be regenerated from its name's index.
     """
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     (out_dir / "masks").mkdir(parents=True, exist_ok=True)
     names = []
     for i in range(n):
-        phantom = make_phantom(seed + i, size, lesion)
+        phantom = make_phantom(seed + i, size)
         name = f"phantom_{seed + i:06d}"
         cv2.imwrite(str(out_dir / "images" / f"{name}.png"), phantom.image[..., ::-1])
         cv2.imwrite(str(out_dir / "masks" / f"{name}.png"), phantom.mask.astype(np.uint8) * 255)
